@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from monitoring import views
+
+app_name = "monitoring"
+urlpatterns = [
+    path("endpoints/<slug:name>/", views.endpoint_dashboard, name="endpoint"),
+]

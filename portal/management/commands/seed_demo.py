@@ -1,0 +1,135 @@
+"""Seed the demo: real models in MLflow, one user per persona, an endpoint with an API key, and
+version 1 taken to staging through the real workflow. Idempotent: a second run reuses what the
+first one made (models, users and their passwords, the key) and only does what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.management.base import BaseCommand, CommandError
+
+from portal.management.commands.replay_traffic import replay
+from portal.roles import DATA_SCIENTISTS, MANAGERS, PLATFORM_ADMINS, REVIEWERS, ensure_role_groups
+from registry import mlflow_client
+from registry.demo_models import train_and_register
+from registry.models import ModelVersion
+from registry.services import registry_sync
+from rollouts import services
+from rollouts.models import ApiKey, Deployment, DeploymentRequest, Endpoint, Environment, PredictionLog
+
+REGISTERED_MODEL = "breast-cancer-classifier"
+PERSONAS = {
+    "data_scientist": ("alice", DATA_SCIENTISTS),
+    "reviewer": ("bob", REVIEWERS),
+    "manager": ("carol", MANAGERS),
+    "platform_admin": ("dana", PLATFORM_ADMINS),
+}
+CREDENTIALS = Path(settings.VAR_DIR) / "demo-credentials.json"
+
+
+class Command(BaseCommand):
+    help = "Create the demo models, users, endpoint and API key; deploy v1 to staging."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--url", default=settings.SITE_URL, help="where the portal answers")
+        parser.add_argument("--replay-rows", type=int, default=120, help="held-out rows to replay")
+        parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for v1")
+
+    def handle(self, *args, url: str, replay_rows: int, timeout: float, **options):
+        previous = json.loads(CREDENTIALS.read_text()) if CREDENTIALS.exists() else {}
+        self._register_models()
+        registry_sync()
+        users = self._users(previous.get("users", {}))
+        v1 = ModelVersion.objects.get(registered_model__name=REGISTERED_MODEL, version=1)
+        staging = Environment.objects.get(name="staging")
+        endpoints = [
+            services.endpoint_for(model_version=v1, environment=env) for env in Environment.objects.all()
+        ]
+        endpoint = next(e for e in endpoints if e.environment_id == staging.pk)
+        api_key = self._api_key(previous.get("api_key"), endpoints)
+        self._deploy_v1(v1, staging, users, timeout)
+        if not PredictionLog.objects.filter(endpoint=endpoint).exists() and replay_rows > 0:
+            counts = replay(url=url, endpoint=endpoint.name, api_key=api_key, rows=replay_rows)
+            self.stdout.write(f"replayed {counts['sent']} held-out rows with {counts['labeled']} labels")
+        credentials = {
+            "url": url,
+            "users": {
+                persona: {"username": user.username, "password": password}
+                for persona, (user, password) in users.items()
+            },
+            "endpoint": endpoint.name,
+            "api_key": api_key,
+            "registered_model": REGISTERED_MODEL,
+            "mlflow_tracking_uri": settings.MLFLOW_TRACKING_URI,
+        }
+        CREDENTIALS.write_text(json.dumps(credentials, indent=2) + "\n")
+        CREDENTIALS.chmod(0o600)
+        self.stdout.write(json.dumps(credentials, indent=2))
+
+    def _register_models(self) -> None:
+        remote = {m.name: m for m in mlflow_client.list_registered_models()}
+        have = len(remote[REGISTERED_MODEL].versions) if REGISTERED_MODEL in remote else 0
+        for number, kind in ((1, "logistic"), (2, "forest")):
+            if have < number:
+                version = train_and_register(kind, REGISTERED_MODEL)
+                self.stdout.write(f"registered {REGISTERED_MODEL} v{version} ({kind})")
+
+    def _users(self, previous: dict) -> dict[str, tuple[User, str]]:
+        groups = ensure_role_groups()
+        users = {}
+        for persona, (username, role) in PERSONAS.items():
+            password = (previous.get(persona) or {}).get("password") or secrets.token_urlsafe(12)
+            user, _ = User.objects.get_or_create(username=username, defaults={"email": f"{username}@example.com"})
+            user.set_password(password)
+            if role == PLATFORM_ADMINS:
+                user.is_staff = user.is_superuser = True
+            user.save()
+            user.groups.add(groups[role])
+            users[persona] = (user, password)
+        return users
+
+    def _api_key(self, previous: str | None, endpoints: list[Endpoint]) -> str:
+        if previous:
+            key = ApiKey.objects.filter(key_hash=services.api_key_hash(previous), revoked_at__isnull=True).first()
+            if key is not None:
+                key.endpoints.add(*endpoints)
+                return previous
+        _, raw = services.api_key_create(name="demo client", endpoints=endpoints, created_by=None)
+        return raw
+
+    def _deploy_v1(self, v1: ModelVersion, staging: Environment, users: dict, timeout: float) -> None:
+        """Request (data scientist), approve (reviewer), and wait for the worker to deploy."""
+        endpoint = services.endpoint_for(model_version=v1, environment=staging)
+        if endpoint.deployments.filter(status=Deployment.Status.LIVE).exists():
+            return  # something is live already (v1, or whatever the user deployed since)
+        req = (
+            DeploymentRequest.objects.filter(model_version=v1, endpoint=endpoint)
+            .exclude(status__in=DeploymentRequest.TERMINAL)
+            .first()
+        )
+        if req is None:
+            req = services.deployment_request_create(
+                requester=users["data_scientist"][0],
+                model_version=v1,
+                environment=staging,
+                justification="Baseline scaled logistic regression for the demo.",
+            )
+        if req.status == DeploymentRequest.Status.AWAITING_REVIEW:
+            services.deployment_request_approve(
+                request_id=req.pk, reviewer=users["reviewer"][0], comment="Metrics look right."
+            )
+        deadline = time.monotonic() + timeout
+        while req.status != DeploymentRequest.Status.LIVE:
+            if req.status == DeploymentRequest.Status.FAILED:
+                raise CommandError(f"deploying {v1} failed: {req.status_reason}")
+            if time.monotonic() > deadline:
+                raise CommandError(f"{v1} not live after {timeout:.0f}s: is the Celery worker running?")
+            time.sleep(0.5)
+            req.refresh_from_db()
+        self.stdout.write(f"{v1} is live on {endpoint.name}")

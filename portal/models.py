@@ -1,0 +1,50 @@
+"""The audit log: append-only, hash-chained events for every action in Rollgate."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class AuditEvent(models.Model):
+    """One action: who did what to which object, with the state before and after.
+
+    ``hash`` = sha256(``prev_hash`` + canonical JSON of the other fields); see
+    ``portal.audit.event_hash``. Editing or deleting a row breaks the chain at that row.
+    """
+
+    created_at = models.DateTimeField(db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    actor_label = models.CharField(max_length=150, help_text="username, or 'system' for tasks")
+    action = models.CharField(max_length=64, db_index=True)
+    object_type = models.CharField(max_length=64)
+    object_id = models.CharField(max_length=64)
+    object_repr = models.CharField(max_length=255)
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+    prev_hash = models.CharField(max_length=64)
+    hash = models.CharField(max_length=64, unique=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["object_type", "object_id"])]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.actor_label} {self.action} {self.object_repr}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None:
+            raise PermissionError("audit events are append-only")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise PermissionError("audit events are append-only")
+
+
+class AuditChainHead(models.Model):
+    """A single row locked while appending, so that concurrent writers form one chain."""
+
+    last_hash = models.CharField(max_length=64, default="0" * 64)
+    length = models.PositiveBigIntegerField(default=0)

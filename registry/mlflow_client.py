@@ -1,0 +1,246 @@
+"""The only module that talks to MLflow (tracking server and model registry).
+
+Everything returned here is plain data (dataclasses, dicts, lists), so callers never hold MLflow
+objects and never call MLflow inside a database transaction. The serving runtime loads models
+through :func:`load_pyfunc` as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+
+class RegistryError(Exception):
+    """MLflow could not be reached, or it does not have what was asked for."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One model version as MLflow knows it, with the run data the portal mirrors."""
+
+    name: str
+    version: int
+    run_id: str
+    source: str
+    status: str
+    description: str
+    tags: dict[str, str]
+    created_at: datetime | None
+    storage_location: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    signature: dict[str, Any] | None = None
+    input_example: dict[str, Any] | None = None
+    flavors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RegisteredModelInfo:
+    name: str
+    description: str
+    tags: dict[str, str]
+    aliases: dict[str, int]
+    created_at: datetime | None
+    updated_at: datetime | None
+    versions: list[VersionInfo]
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(
+        tracking_uri=settings.MLFLOW_TRACKING_URI, registry_uri=settings.MLFLOW_REGISTRY_URI
+    )
+
+
+def _ts(millis: int | None) -> datetime | None:
+    return datetime.fromtimestamp(millis / 1000, tz=UTC) if millis else None
+
+
+def _model_uri(name: str, version: int) -> str:
+    return f"models:/{name}/{int(version)}"
+
+
+def _configure() -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.MLFLOW_TRACKING_URI)
+    mlflow.set_registry_uri(settings.MLFLOW_REGISTRY_URI)
+
+
+def list_registered_models() -> list[RegisteredModelInfo]:
+    """Every registered model with its versions (without run details).
+
+    Raises:
+        RegistryError: MLflow is unreachable or answered with an error.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        models = []
+        for rm in client.search_registered_models(max_results=1000):
+            versions = [
+                VersionInfo(
+                    name=mv.name,
+                    version=int(mv.version),
+                    run_id=mv.run_id or "",
+                    source=mv.source or "",
+                    status=mv.status or "",
+                    description=mv.description or "",
+                    tags=dict(mv.tags or {}),
+                    created_at=_ts(mv.creation_timestamp),
+                )
+                for mv in client.search_model_versions(f"name = '{rm.name}'", max_results=10000)
+            ]
+            models.append(
+                RegisteredModelInfo(
+                    name=rm.name,
+                    description=rm.description or "",
+                    tags=dict(rm.tags or {}),
+                    aliases={alias: int(v) for alias, v in (rm.aliases or {}).items()},
+                    created_at=_ts(rm.creation_timestamp),
+                    updated_at=_ts(rm.last_updated_timestamp),
+                    versions=sorted(versions, key=lambda v: v.version),
+                )
+            )
+        return models
+    except MlflowException as exc:
+        raise RegistryError(str(exc)) from exc
+    except OSError as exc:
+        raise RegistryError(f"MLflow is unreachable: {exc}") from exc
+
+
+def version_details(base: VersionInfo) -> VersionInfo:
+    """``base`` completed with run metrics and params, signature, input example and flavors.
+
+    Raises:
+        RegistryError: the version or its run cannot be read.
+    """
+    import mlflow.models
+    from mlflow.exceptions import MlflowException
+
+    _configure()
+    client = _client()
+    try:
+        storage_location = client.get_model_version_download_uri(base.name, str(base.version))
+        metrics: dict[str, float] = {}
+        params: dict[str, str] = {}
+        if base.run_id:
+            run = client.get_run(base.run_id)
+            metrics, params = dict(run.data.metrics), dict(run.data.params)
+        info = mlflow.models.get_model_info(_model_uri(base.name, base.version))
+        signature = None
+        if info.signature is not None:
+            raw = info.signature.to_dict()
+            signature = {
+                key: json.loads(raw[key]) if raw.get(key) else None
+                for key in ("inputs", "outputs", "params")
+            }
+        input_example = _serving_input_example(storage_location)
+    except MlflowException as exc:
+        raise RegistryError(str(exc)) from exc
+    except OSError as exc:
+        raise RegistryError(f"MLflow artifacts are unreachable: {exc}") from exc
+    return VersionInfo(
+        **{
+            **base.__dict__,
+            "storage_location": storage_location,
+            "metrics": metrics,
+            "params": params,
+            "signature": signature,
+            "input_example": input_example,
+            "flavors": sorted(info.flavors),
+        }
+    )
+
+
+def _serving_input_example(storage_location: str) -> dict[str, Any] | None:
+    """The scoring payload MLflow saved with the model (``serving_input_example.json``)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{storage_location.rstrip('/')}/serving_input_example.json",
+                dst_path=tmp,
+            )
+        except (MlflowException, OSError):
+            return None
+        return json.loads(Path(path).read_text())
+
+
+def artifact_digest(name: str, version: int) -> str:
+    """sha256 hex over the model version's artifact files.
+
+    Each file contributes ``<relative path>\\0<sha256 of its bytes>\\n``, in sorted path order,
+    so the digest changes when any file is added, removed, renamed or edited.
+
+    Raises:
+        RegistryError: the artifacts cannot be downloaded.
+    """
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    _configure()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            root = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=_model_uri(name, version), dst_path=tmp
+                )
+            )
+        except (MlflowException, OSError) as exc:
+            raise RegistryError(f"cannot download artifacts of {name} v{version}: {exc}") from exc
+        outer = hashlib.sha256()
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            inner = hashlib.sha256()
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    inner.update(chunk)
+            outer.update(f"{path.relative_to(root).as_posix()}\0{inner.hexdigest()}\n".encode())
+        return outer.hexdigest()
+
+
+def load_pyfunc(name: str, version: int):
+    """Load a version as an ``mlflow.pyfunc.PyFuncModel``, pinned by number (never an alias).
+
+    Raises:
+        RegistryError: the model cannot be downloaded or loaded.
+    """
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    _configure()
+    try:
+        return mlflow.pyfunc.load_model(_model_uri(name, version))
+    except MlflowException as exc:
+        raise RegistryError(f"cannot load {name} v{version}: {exc}") from exc
+    except Exception as exc:  # a flavor's loader can raise anything (unpickling, skops, ...)
+        raise RegistryError(f"cannot load {name} v{version}: {type(exc).__name__}: {exc}") from exc
+
+
+def set_alias(name: str, alias: str, version: int) -> None:
+    """Point the alias of a registered model at a version (idempotent).
+
+    Raises:
+        RegistryError: MLflow refused or is unreachable.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _client().set_registered_model_alias(name, alias, str(int(version)))
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"cannot set alias {alias!r} on {name} v{version}: {exc}") from exc

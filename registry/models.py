@@ -1,0 +1,69 @@
+"""Mirror of MLflow's registered models and model versions.
+
+MLflow stays the source of truth for artifacts; these rows let the portal list, search and join
+without calling MLflow on every page.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.urls import reverse
+
+
+class RegisteredModel(models.Model):
+    name = models.CharField(max_length=255, unique=True)
+    description = models.TextField(blank=True)
+    tags = models.JSONField(default=dict, blank=True)
+    aliases = models.JSONField(default=dict, blank=True, help_text="alias -> version number")
+    mlflow_created_at = models.DateTimeField(null=True, blank=True)
+    mlflow_updated_at = models.DateTimeField(null=True, blank=True)
+    synced_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def get_absolute_url(self) -> str:
+        return reverse("registry:model", args=[self.name])
+
+
+class ModelVersion(models.Model):
+    registered_model = models.ForeignKey(
+        RegisteredModel, on_delete=models.CASCADE, related_name="versions"
+    )
+    version = models.PositiveIntegerField()
+    run_id = models.CharField(max_length=64, blank=True)
+    source = models.CharField(max_length=1000, blank=True)
+    storage_location = models.CharField(max_length=1000, blank=True)
+    status = models.CharField(max_length=32, blank=True)
+    description = models.TextField(blank=True)
+    tags = models.JSONField(default=dict, blank=True)
+    flavors = models.JSONField(default=list, blank=True)
+    signature = models.JSONField(
+        null=True, blank=True, help_text="{'inputs': [...], 'outputs': [...], 'params': [...]}"
+    )
+    input_example = models.JSONField(null=True, blank=True, help_text="scoring payload")
+    metrics = models.JSONField(default=dict, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    mlflow_created_at = models.DateTimeField(null=True, blank=True)
+    synced_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["registered_model__name", "-version"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["registered_model", "version"], name="unique_version_per_model"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.registered_model.name} v{self.version}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("registry:version", args=[self.registered_model.name, self.version])
+
+    @property
+    def input_columns(self) -> list[dict]:
+        return list((self.signature or {}).get("inputs") or [])

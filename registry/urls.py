@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from django.urls import path
+
+from registry import views
+
+app_name = "registry"
+urlpatterns = [
+    path("", views.catalog, name="catalog"),
+    path("sync", views.sync_now, name="sync"),
+    path("<str:name>/", views.model_detail, name="model"),
+    path("<str:name>/versions/<int:version>/", views.version_detail, name="version"),
+]

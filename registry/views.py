@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from portal.roles import can_sync_registry
+from registry import selectors, tasks
+from registry.models import ModelVersion, RegisteredModel
+
+
+@login_required
+def catalog(request: HttpRequest) -> HttpResponse:
+    search = request.GET.get("q", "").strip()
+    return render(
+        request,
+        "registry/catalog.html",
+        {"models": selectors.registered_models_list(search=search), "q": search},
+    )
+
+
+@login_required
+def model_detail(request: HttpRequest, name: str) -> HttpResponse:
+    model = get_object_or_404(RegisteredModel, name=name)
+    versions = model.versions.order_by("-version")
+    alias_by_version: dict[int, list[str]] = {}
+    for alias, number in model.aliases.items():
+        alias_by_version.setdefault(int(number), []).append(alias)
+    rows = [(v, sorted(alias_by_version.get(v.version, []))) for v in versions]
+    return render(request, "registry/model_detail.html", {"model": model, "rows": rows})
+
+
+@login_required
+def version_detail(request: HttpRequest, name: str, version: int) -> HttpResponse:
+    try:
+        mv = selectors.model_version_get(name=name, version=version)
+    except ModelVersion.DoesNotExist:
+        raise Http404(f"{name} has no version {version}") from None
+    aliases = sorted(a for a, v in mv.registered_model.aliases.items() if int(v) == mv.version)
+    example = json.dumps(mv.input_example, indent=1) if mv.input_example else ""
+    return render(
+        request,
+        "registry/version_detail.html",
+        {"mv": mv, "aliases": aliases, "example": example[:3000]},
+    )
+
+
+@login_required
+@require_POST
+def sync_now(request: HttpRequest) -> HttpResponse:
+    if not can_sync_registry(request.user):
+        raise PermissionDenied("Only data scientists, reviewers and platform admins can sync.")
+    transaction.on_commit(lambda: tasks.sync_registry.delay(request.user.pk))
+    messages.info(request, "Registry sync queued; new versions appear in a few seconds.")
+    return redirect(request.POST.get("next") or "registry:catalog")
