@@ -1,0 +1,168 @@
+"""Shared fixtures: personas, a real MLflow store with two registered versions, and (for the
+end-to-end tests) a real Celery worker process on the test database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from django.test import override_settings
+
+from portal import celery_app
+from tests.factories import UserFactory
+
+REGISTERED_MODEL = "breast-cancer-classifier"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _celery_eager():
+    """Unit tests run tasks in-process; the e2e fixture below turns this off."""
+    celery_app.conf.task_always_eager = True
+    celery_app.conf.task_eager_propagates = True
+    yield
+
+
+# --- personas -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_scientist(db):
+    return UserFactory(username="alice", roles=["data scientists"])
+
+
+@pytest.fixture
+def other_data_scientist(db):
+    return UserFactory(username="erin", roles=["data scientists"])
+
+
+@pytest.fixture
+def reviewer(db):
+    return UserFactory(username="bob", roles=["reviewers"])
+
+
+@pytest.fixture
+def second_reviewer(db):
+    return UserFactory(username="frank", roles=["reviewers"])
+
+
+@pytest.fixture
+def manager(db):
+    return UserFactory(username="carol", roles=["managers"])
+
+
+@pytest.fixture
+def platform_admin(db):
+    return UserFactory(username="dana", roles=["platform admins"], is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def outsider(db):
+    return UserFactory(username="mallory", roles=[])
+
+
+# --- MLflow -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(tmp_path_factory):
+    """A real MLflow tracking store (SQLite) and artifact root in a temporary folder, with
+    ``breast-cancer-classifier`` v1 (logistic regression) and v2 (random forest) registered
+    through the MLflow client. Settings point at it for the whole session."""
+    from registry.demo_models import train_and_register
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.sqlite'}"
+    override = override_settings(
+        MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, MLFLOW_ARTIFACT_ROOT=(root / "artifacts").as_uri()
+    )
+    override.enable()
+    try:
+        assert train_and_register("logistic", REGISTERED_MODEL) == 1
+        assert train_and_register("forest", REGISTERED_MODEL) == 2
+        yield {"tracking_uri": uri, "artifact_root": (root / "artifacts").as_uri(), "root": root}
+    finally:
+        override.disable()
+
+
+@pytest.fixture
+def synced(db, mlflow_store):
+    """The registry mirrored from the MLflow store: returns (v1, v2) ModelVersion rows."""
+    from registry.models import ModelVersion
+    from registry.services import registry_sync
+
+    registry_sync()
+    versions = ModelVersion.objects.filter(registered_model__name=REGISTERED_MODEL).order_by("version")
+    return tuple(versions)
+
+
+# --- a real Celery worker -----------------------------------------------------------------
+
+
+def _test_database_url() -> str:
+    s = connection.settings_dict
+    if s["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{Path(s['NAME']).resolve()}"
+    user = s.get("USER") or ""
+    password = f":{s['PASSWORD']}" if s.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    return f"postgres://{auth}{s.get('HOST') or '127.0.0.1'}:{s.get('PORT') or 5432}/{s['NAME']}"
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(django_db_setup, django_db_blocker, mlflow_store, tmp_path_factory):
+    """A real ``celery worker`` subprocess on the test database and the session's MLflow store.
+
+    The broker is ``CELERY_BROKER_URL`` when set (Redis in CI), else a SQLite file of its own.
+    """
+    broker = os.environ.get("CELERY_BROKER_URL") or (
+        f"sqla+sqlite:///{tmp_path_factory.mktemp('broker') / 'broker.sqlite'}"
+    )
+    queue = f"rollgate-test-{os.getpid()}"
+    celery_app.conf.broker_url = broker
+    celery_app.conf.task_default_queue = queue
+    env = {
+        **os.environ,
+        "DATABASE_URL": _test_database_url(),
+        "CELERY_BROKER_URL": broker,
+        "MLFLOW_TRACKING_URI": mlflow_store["tracking_uri"],
+        "MLFLOW_ARTIFACT_ROOT": mlflow_store["artifact_root"],
+        "SECRET_KEY": settings.SECRET_KEY,
+    }
+    log = tempfile.NamedTemporaryFile(prefix="celery-worker-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "portal", "worker", "-P", "solo", "-Q", queue,
+         "-l", "INFO", "-n", f"test-{os.getpid()}@%h", "--without-heartbeat", "--without-gossip",
+         "--without-mingle"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while b"ready." not in Path(log.name).read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("celery worker did not start:\n" + Path(log.name).read_text()[-4000:])
+        time.sleep(0.3)
+    yield {"process": proc, "log": Path(log.name)}
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    shutil.copy(log.name, ROOT / "var" / "test-celery-worker.log")
+    os.unlink(log.name)
+
+
+@pytest.fixture
+def real_worker(celery_worker_process, transactional_db):
+    """Tasks go through the broker to the worker process (not eager) for this test."""
+    celery_app.conf.task_always_eager = False
+    yield celery_worker_process
+    celery_app.conf.task_always_eager = True
