@@ -1,0 +1,98 @@
+"""A person's path through the portal in Debian's chromium, driven by Playwright: the data
+scientist requests version 2, the reviewer approves it, and the page shows it live once the real
+Celery worker has deployed it."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from registry.services import registry_sync
+from tests.conftest import REGISTERED_MODEL
+from tests.factories import PASSWORD
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "var" / "screenshots"
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def browser_page():
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("ROLLGATE_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package")
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop in this thread; the test's own ORM calls are
+    # still synchronous, so tell Django not to refuse them.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(20_000)
+        try:
+            yield page
+        finally:
+            browser.close()
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+def _log_in(page, base_url: str, username: str) -> None:
+    page.goto(f"{base_url}/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector("[data-testid=whoami]")
+
+
+def _log_out(page) -> None:
+    page.click("text=Log out")
+    page.wait_for_selector("#id_username")
+
+
+def test_data_scientist_requests_reviewer_approves_and_sees_it_live(
+    live_server, real_worker, browser_page, data_scientist, reviewer
+):
+    registry_sync()
+    page = browser_page
+
+    _log_in(page, live_server.url, data_scientist.username)
+    page.click("text=Models")
+    page.click(f"text={REGISTERED_MODEL}")
+    page.click("a[href$='/versions/2/']")
+    page.click("[data-testid=request-deployment]")
+    page.select_option("#id_environment", label="staging")
+    page.fill("#id_justification", "Random forest beats the baseline on recall.")
+    page.click("text=Send request")
+    page.wait_for_selector("[data-testid=request-status]:has-text('Awaiting review')")
+    assert page.locator("[data-testid=approve]").count() == 0  # never for one's own request
+    request_url = page.url
+    page.screenshot(path=str(SCREENSHOTS / "1-requested.png"), full_page=True)
+    _log_out(page)
+
+    _log_in(page, live_server.url, reviewer.username)
+    page.click("text=Requests")
+    page.click(f"a[href='{request_url.removeprefix(live_server.url)}']")
+    page.fill("#id_comment", "Checked the metrics; go.")
+    page.click("[data-testid=approve]")
+    status = page.locator("[data-testid=request-status]")
+    status.filter(has_text=re.compile("^Live$")).wait_for(timeout=120_000)
+    page.screenshot(path=str(SCREENSHOTS / "2-live.png"), full_page=True)
+    assert "sha256:" in page.content()
+
+    page.click("text=Endpoints")
+    assert page.locator("text=v2 · 100%").count() == 1
