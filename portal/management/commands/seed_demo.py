@@ -31,6 +31,7 @@ PERSONAS = {
     "platform_admin": ("dana", PLATFORM_ADMINS),
 }
 CREDENTIALS = Path(settings.VAR_DIR) / "demo-credentials.json"
+EXAMPLE_REQUEST = Path(settings.VAR_DIR) / "example-request.json"
 
 
 class Command(BaseCommand):
@@ -68,6 +69,7 @@ class Command(BaseCommand):
             "registered_model": REGISTERED_MODEL,
             "mlflow_tracking_uri": settings.MLFLOW_TRACKING_URI,
         }
+        EXAMPLE_REQUEST.write_text(json.dumps(v1.input_example, indent=1) + "\n")
         CREDENTIALS.write_text(json.dumps(credentials, indent=2) + "\n")
         CREDENTIALS.chmod(0o600)
         self.stdout.write(json.dumps(credentials, indent=2))
