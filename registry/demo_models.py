@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import sklearn
 from django.conf import settings
 from sklearn.datasets import load_breast_cancer
 from sklearn.ensemble import RandomForestClassifier
@@ -93,6 +94,9 @@ def train_and_register(kind: str, registered_model_name: str) -> int:
             input_example=split.X_train.head(3),
             registered_model_name=registered_model_name,
             skops_trusted_types=TREE_TRUSTED_TYPES if kind == "forest" else None,
+            # Pinning the requirement skips MLflow's inference, which imports the model in a
+            # subprocess and costs seconds per version.
+            pip_requirements=[f"scikit-learn=={sklearn.__version__}"],
         )
         with tempfile.TemporaryDirectory() as tmp:
             reference = split.X_train.sample(n=200, random_state=SPLIT_SEED)

@@ -21,7 +21,7 @@ from rollouts.services import api_key_create
 from tests.conftest import REGISTERED_MODEL
 from tests.factories import PASSWORD
 
-pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, serialized_rollback=True)]
 
 
 def _api(live_server, user) -> requests.Session:
