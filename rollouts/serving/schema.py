@@ -260,7 +260,10 @@ def _typed_columns(
     for spec in present:
         values = [_convert(row.get(spec.name), spec, i, from_text) for i, row in enumerate(records)]
         for rec, value in zip(typed_records, values, strict=True):
-            rec[spec.name] = None if isinstance(value, float) and math.isnan(value) else value
+            # NaN and +-inf are not JSON: the log's JSONField would refuse the row (the model
+            # still gets the value itself in ``columns``).
+            finite = not isinstance(value, float) or math.isfinite(value)
+            rec[spec.name] = value if finite else None
         dtype = _NUMPY_DTYPES.get(spec.type)
         columns[spec.name] = np.asarray(values, dtype=dtype) if dtype else values
     return columns, typed_records
@@ -299,7 +302,7 @@ def _convert(value: Any, spec: ColumnSpec, row: int, from_text: bool) -> Any:
     return value  # datetime, binary and other types are left to MLflow's own enforcement
 
 
-_TEXT_BOOLEANS = {"true": True, "false": False, "1": True, "0": False}
+_TEXT_BOOLEANS = {"true": True, "false": False}
 
 
 def _from_text(text: str, kind: str) -> Any:
@@ -310,7 +313,10 @@ def _from_text(text: str, kind: str) -> Any:
         if kind in ("double", "float"):
             return float(text)
         if kind in ("long", "integer"):
-            return int(text)
+            try:
+                return int(text)
+            except ValueError:
+                return float(text)  # "41.0" is a long in JSON, so it is one in CSV too
     except ValueError:
         return text  # reported by _convert as "expected a number, got a string"
     if kind == "boolean":
