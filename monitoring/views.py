@@ -6,6 +6,7 @@ from django.shortcuts import get_object_or_404, render
 
 from monitoring import figures, selectors
 from portal.models import AuditEvent
+from portal.roles import user_roles
 from rollouts import selectors as rollout_selectors
 from rollouts.models import Endpoint
 
@@ -22,7 +23,10 @@ def overview(request: HttpRequest) -> HttpResponse:
             "my_requests": rollout_selectors.deployment_requests_visible_to(request.user).filter(
                 requester=request.user
             )[:10],
-            "recent_events": AuditEvent.objects.select_related("actor")[:10],
+            # The audit trail is for personas only (see portal.views.audit_trail).
+            "recent_events": (
+                AuditEvent.objects.select_related("actor")[:10] if user_roles(request.user) else []
+            ),
         },
     )
 

@@ -102,15 +102,28 @@ def audit_verify() -> ChainReport:
     ``prev_hash`` points at nothing) and a removed tail (the head records more events).
     """
     expected_prev = GENESIS_HASH
+    previous_id: int | None = None
     checked = 0
     for event in AuditEvent.objects.order_by("id").iterator(chunk_size=2000):
         if event.prev_hash != expected_prev:
-            return ChainReport(False, checked, event.pk, "previous event missing or altered")
+            # Name the gap, so a reader knows where a removed event was.
+            after = f"#{previous_id}" if previous_id is not None else "the start of the chain"
+            return ChainReport(
+                False, checked, event.pk,
+                f"the event before it (after {after}) is missing or altered",
+            )
         if event_hash(event) != event.hash:
             return ChainReport(False, checked, event.pk, "event fields altered")
         expected_prev = event.hash
+        previous_id = event.pk
         checked += 1
     head = AuditChainHead.objects.filter(pk=1).first()
-    if head is not None and (head.length != checked or head.last_hash != expected_prev):
+    if head is None:
+        # The head is created by a migration and never deleted; without it a removed tail
+        # would go unnoticed, so its absence is itself a break (unless nothing was recorded).
+        if checked:
+            return ChainReport(False, checked, None, "the chain head record is missing")
+        return ChainReport(True, checked)
+    if head.length != checked or head.last_hash != expected_prev:
         return ChainReport(False, checked, None, "events removed from the end of the chain")
     return ChainReport(True, checked)

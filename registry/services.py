@@ -22,9 +22,11 @@ class SyncResult:
 
 
 def _needs_details(known: ModelVersion | None, info: mlflow_client.VersionInfo) -> bool:
-    if known is None:
-        return True
-    return known.status != info.status or (known.signature is None and info.status == "READY")
+    # Details are fetched when a version is new or its status moved (e.g. PENDING_REGISTRATION
+    # -> READY). A READY version logged without a signature keeps ``signature`` None for good,
+    # so "no signature yet" must not trigger a re-fetch: it would rewrite and audit the
+    # version on every periodic sync.
+    return known is None or known.status != info.status
 
 
 def registry_sync(*, actor: User | None = None) -> SyncResult:

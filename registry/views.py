@@ -8,6 +8,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from portal.roles import can_sync_registry
@@ -58,4 +59,9 @@ def sync_now(request: HttpRequest) -> HttpResponse:
         raise PermissionDenied("Only data scientists, reviewers and platform admins can sync.")
     transaction.on_commit(lambda: tasks.sync_registry.delay(request.user.pk))
     messages.info(request, "Registry sync queued; new versions appear in a few seconds.")
-    return redirect(request.POST.get("next") or "registry:catalog")
+    target = request.POST.get("next", "")
+    if not url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        target = "registry:catalog"  # never redirect off-site (open redirect)
+    return redirect(target)

@@ -80,11 +80,21 @@ def _locked_request(request_id: int) -> DeploymentRequest:
 
 def endpoint_for(*, model_version: ModelVersion, environment: Environment) -> Endpoint:
     """The endpoint of the version's registered model in ``environment``, created on first use
-    and named ``<model>-<environment>``."""
+    and named ``<model>-<environment>`` (``-2``, ``-3``... appended when another model's name
+    slugifies to the same, e.g. "churn model" and "churn-model")."""
+    model = model_version.registered_model
+    endpoint = Endpoint.objects.filter(registered_model=model, environment=environment).first()
+    if endpoint is not None:
+        return endpoint
+    # Registered model names are free text (up to 255 characters, any script); endpoint names
+    # are unique slugs of at most 100, so they are truncated and de-duplicated.
+    base = slugify(f"{model.name[:80]}-{environment.name}")[:90].strip("-") or "endpoint"
+    name, n = base, 1
+    while Endpoint.objects.filter(name=name).exists():
+        n += 1
+        name = f"{base}-{n}"
     endpoint, _ = Endpoint.objects.get_or_create(
-        registered_model=model_version.registered_model,
-        environment=environment,
-        defaults={"name": slugify(f"{model_version.registered_model.name}-{environment.name}")},
+        registered_model=model, environment=environment, defaults={"name": name}
     )
     return endpoint
 
@@ -116,6 +126,10 @@ def deployment_request_create(
             {"model_version": f"{model_version} is {model_version.status or 'not ready'} in MLflow."}
         )
     endpoint = endpoint_for(model_version=model_version, environment=environment)
+    # Lock the endpoint row so that concurrent creates for it queue here: on PostgreSQL a
+    # select_for_update() that matches no open request locks nothing, so without this two
+    # requests could both pass the duplicate check below.
+    Endpoint.objects.select_for_update().get(pk=endpoint.pk)
     open_request = (
         DeploymentRequest.objects.select_for_update()
         .filter(model_version=model_version, endpoint=endpoint, status__in=DeploymentRequest.ACTIVE)
