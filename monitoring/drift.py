@@ -270,7 +270,7 @@ def _prepare_numeric(name: str, raw: Any) -> NumericReference:
     if n:
         std = float(np.std(values))  # ddof=0, as np.std and scipy's distances use
         center = float(np.mean(values))
-        edges = np.unique(np.quantile(values, np.arange(1, PSI_BINS) / PSI_BINS))
+        edges = psi_edges(values)
         # values are sorted: the distinct ones start where a value differs from its left one
         count_below = np.flatnonzero(np.concatenate(([True], values[1:] != values[:-1])))
         unique = values[count_below]
@@ -315,6 +315,23 @@ def _prepare_categorical(name: str, raw: Any) -> CategoricalReference:
 
 # ---------------------------------------------------------------------------------------------
 # Formulas
+
+
+def psi_edges(values: np.ndarray, bins: int = PSI_BINS) -> np.ndarray:
+    """Bin edges for PSI on a numeric feature: the reference quantiles k/bins, k = 1…bins-1.
+
+    ``values``: finite reference values, shape (n,), n ≥ 1 → increasing edges, shape
+    (≤ 2·(bins-1),).
+    Bins are ``(-inf, e0), [e0, e1), …, [e_last, +inf)``: the outer ones are open, so current
+    values outside the reference range still land in a bin. Repeated quantiles (a point mass,
+    e.g. a zero-inflated or constant feature) are collapsed to one edge ``e`` and given a second
+    edge at the next float above it, so that the mass sits in a bin ``[e, e⁺) = {e}`` of its own;
+    without it a constant reference could not tell a current window that moved above it.
+    """
+    quantiles, repeats = np.unique(
+        np.quantile(values, np.arange(1, bins) / bins), return_counts=True
+    )
+    return np.union1d(quantiles, np.nextafter(quantiles[repeats > 1], np.inf))
 
 
 def population_stability_index(
@@ -377,24 +394,33 @@ def wasserstein_exact(ref: np.ndarray, current: np.ndarray) -> float:
     return float(np.dot(np.abs(f_ref - f_cur), deltas))
 
 
-def wasserstein_normalised(ref: NumericReference, current: np.ndarray, *, exact: bool) -> float:
-    """Wasserstein-1 distance divided by the reference standard deviation (ddof=0); unitless.
+def wasserstein(ref: NumericReference, current: np.ndarray, *, exact: bool) -> float:
+    """Wasserstein-1 distance between the reference and ``current``, in the feature's unit.
 
-    Equals ``scipy.stats.wasserstein_distance(ref, cur) / np.std(ref)`` when ``exact``. For large
-    samples W1 = ∫₀¹ |Q_ref(u) - Q_cur(u)| du (quantile functions, Villani 2009, Remark 2.19) is
-    computed on ``GRID_SIZE`` equal cells of [0, 1] as Σ |∫_cell Q_ref - ∫_cell Q_cur|; the
-    integrals over a cell come exactly from cumulative sums of the sorted values. This is a lower
-    bound of W1 that is exact except in the cells where the two quantile functions cross (on
-    well-behaved data the relative error is below 1e-4). ``current``: sorted finite values,
-    shape (m,), m ≥ 1. Raises ``ValueError`` when the reference standard deviation is 0 or
-    undefined (a constant or empty reference has no scale to normalise by).
+    ``current``: sorted finite values, shape (m,), m ≥ 1; the reference must be non-empty. With
+    ``exact`` this is :func:`wasserstein_exact` (equal to ``scipy.stats.wasserstein_distance``).
+    Otherwise W1 = ∫₀¹ |Q_ref(u) - Q_cur(u)| du (quantile functions; Villani 2009, "Optimal
+    Transport", Remark 2.19) is computed on ``GRID_SIZE`` equal cells of [0, 1] as
+    Σ |∫_cell Q_ref - ∫_cell Q_cur|, the integrals over a cell coming exactly from partial sums of
+    the sorted values. That is a lower bound of W1, exact except in the cells where the two
+    quantile functions cross; on well-behaved data the relative error is below 1e-4.
+    """
+    if exact or ref.cell_integrals is None:
+        return wasserstein_exact(ref.values, current)
+    cur_cells = _cell_integrals(current, ref.center)
+    return float(np.sum(np.abs(ref.cell_integrals - cur_cells)))
+
+
+def wasserstein_normalised(ref: NumericReference, current: np.ndarray, *, exact: bool) -> float:
+    """:func:`wasserstein` divided by the reference standard deviation (ddof=0); unitless.
+
+    Equals ``scipy.stats.wasserstein_distance(ref, cur) / np.std(ref)`` when ``exact``; a shift of
+    the mean by k standard deviations gives k. Raises ``ValueError`` when the reference standard
+    deviation is 0 or undefined: a constant or empty reference has no scale to normalise by.
     """
     if not ref.std:
         raise ValueError("the reference standard deviation is 0 or undefined")
-    if exact or ref.cell_integrals is None:
-        return wasserstein_exact(ref.values, current) / ref.std
-    cur_cells = _cell_integrals(current, ref.center)
-    return float(np.sum(np.abs(ref.cell_integrals - cur_cells))) / ref.std
+    return wasserstein(ref, current, exact=exact) / ref.std
 
 
 def _cell_integrals(values: np.ndarray, center: float) -> np.ndarray:
@@ -643,11 +669,10 @@ def numeric_feature_drift(
     result.psi = population_stability_index(ref.psi_counts, _bin_counts(values, ref.psi_edges))
     result.ks = kolmogorov_smirnov(ref, values, exact=exact)
     notes: list[str] = []
+    result.wasserstein = wasserstein(ref, values, exact=exact)
     if ref.std:
-        result.wasserstein_normalised = wasserstein_normalised(ref, values, exact=exact)
-        result.wasserstein = result.wasserstein_normalised * ref.std
+        result.wasserstein_normalised = result.wasserstein / ref.std
     else:
-        result.wasserstein = wasserstein_exact(ref.values, values) if exact else None
         notes.append(
             "normalised Wasserstein undefined: the reference is constant (standard deviation 0)"
         )
