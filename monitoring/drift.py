@@ -484,11 +484,18 @@ def _is_missing(value: Any) -> bool:
     return type(value).__name__ in {"NAType", "NaTType"}
 
 
+def _label(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def category_counts(raw: Any) -> tuple[dict[str, int], int, int]:
     """Count categories of a 1-D array-like: ({str(value): count}, n_rows, n_missing).
 
-    None, NaN, pandas NA and NaT are missing. Categories are compared by their ``str``, so
-    1 and "1" are the same category while 1 and 1.0 are not.
+    None, NaN, pandas NA and NaT are missing. Categories are compared by their ``str``, with
+    integral floats written as integers, so 1, 1.0 and "1" are one category: class labels read
+    back as floats (an integer column with a gap) still match the reference's integers.
     """
     if hasattr(raw, "to_numpy"):
         arr = raw.to_numpy()
@@ -503,7 +510,7 @@ def category_counts(raw: Any) -> tuple[dict[str, int], int, int]:
             arr = arr[~np.isnan(arr)]
         keys, counts = np.unique(arr, return_counts=True)
         pairs = zip(keys.tolist(), counts.tolist(), strict=True)
-        result = {str(k): int(c) for k, c in pairs}
+        result = {_label(k): int(c) for k, c in pairs}
         return result, n_rows, n_rows - int(arr.size)
     result: dict[str, int] = {}
     n_missing = 0
@@ -511,7 +518,7 @@ def category_counts(raw: Any) -> tuple[dict[str, int], int, int]:
         if _is_missing(key):
             n_missing += count
         else:
-            label = str(key)
+            label = _label(key)
             result[label] = result.get(label, 0) + count
     return result, n_rows, n_missing
 

@@ -153,6 +153,14 @@ def test_categorical_columns_are_detected_and_missing_values_counted():
     assert f.n_reference_used == 60 and f.n_current_used == 60
 
 
+def test_integer_labels_read_back_as_floats_are_the_same_categories():
+    ref = [0, 1, 2] * 20
+    cur = np.array([0.0, 1.0, 2.0, np.nan] * 15)
+    f = one(ref, cur, categorical=True)
+    assert f.new_categories == [] and f.jensen_shannon == 0.0
+    assert f.missing_share_current == pytest.approx(0.25)
+
+
 def test_same_categorical_distribution_is_ok():
     rng = np.random.default_rng(9)
     ref = rng.integers(0, 4, size=5000)
