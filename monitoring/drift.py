@@ -106,8 +106,8 @@ DEFAULT_THRESHOLDS = Thresholds()
 class NumericReference:
     """One numeric reference column, precomputed. Arrays are read-only.
 
-    ``values``: sorted finite values, shape (n,). ``psi_edges``: unique reference deciles, shape
-    (≤9,). ``psi_counts``: reference counts in the ``len(psi_edges) + 1`` bins
+    ``values``: sorted finite values, shape (n,). ``psi_edges``: from :func:`psi_edges`.
+    ``psi_counts``: reference counts in the ``len(psi_edges) + 1`` bins
     ``(-inf, e0), [e0, e1), …, [e_last, +inf)``. ``unique``/``count_below``/``count_upto``: the
     distinct values and, for each, how many values are ``<`` and ``<=`` it. ``grid``: indices into
     ``unique`` used by the large-sample KS. ``cell_integrals``: ∫ (Q(u) - center) du over the
@@ -134,7 +134,8 @@ class NumericReference:
 
 @dataclass(frozen=True, eq=False)
 class CategoricalReference:
-    """One categorical reference column: counts per category (keys are ``str(value)``)."""
+    """One categorical reference column: counts per category (keys as in
+    :func:`category_counts`)."""
 
     name: str
     n_rows: int
