@@ -9,5 +9,6 @@ urlpatterns = [
     path("", views.catalog, name="catalog"),
     path("sync", views.sync_now, name="sync"),
     path("<str:name>/", views.model_detail, name="model"),
+    path("<str:name>/compare", views.compare, name="compare"),
     path("<str:name>/versions/<int:version>/", views.version_detail, name="version"),
 ]
