@@ -12,7 +12,7 @@ from rest_framework.views import APIView
 from monitoring import selectors, services
 from portal.roles import user_roles
 from rollouts.auth import ApiKeyAuthentication, ApiKeyClient
-from rollouts.models import Endpoint
+from rollouts.selectors import endpoints_visible_to
 
 MAX_FEEDBACK_ITEMS = 10_000
 
@@ -84,5 +84,5 @@ class EndpointMetricsApi(APIView):
 
     @extend_schema(responses=OutputSerializer(many=True))
     def get(self, request: Request, name: str) -> Response:
-        endpoint = get_object_or_404(Endpoint, name=name)
+        endpoint = get_object_or_404(endpoints_visible_to(request.user), name=name)
         return Response(self.OutputSerializer(selectors.version_stats(endpoint), many=True).data)

@@ -163,6 +163,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "registry.tasks.sync_registry",
         "schedule": env.float("REGISTRY_SYNC_INTERVAL_S", default=300.0),
     },
+    "expire-requests": {
+        "task": "rollouts.tasks.expire_requests",
+        "schedule": env.float("REQUEST_EXPIRY_CHECK_S", default=600.0),
+    },
 }
 
 # --- MLflow -----------------------------------------------------------------------------------

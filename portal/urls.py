@@ -16,6 +16,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("audit/", views.audit_trail, name="audit"),
+    path("audit/export.csv", views.audit_export, name="audit_export"),
     path("registry/", include("registry.urls")),
     path("rollouts/", include("rollouts.urls")),
     path("monitoring/", include("monitoring.urls")),

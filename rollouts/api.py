@@ -131,6 +131,6 @@ class EndpointListApi(APIView):
                 "registered_model": e.registered_model.name,
                 "traffic": {str(d.model_version.version): d.traffic_weight for d in live},
             }
-            for e, live in selectors.endpoints_with_live_versions()
+            for e, live in selectors.endpoints_with_live_versions(request.user)
         ]
         return Response(self.OutputSerializer(rows, many=True).data)

@@ -289,6 +289,12 @@ class GateResult(models.Model):
     def __str__(self) -> str:
         return f"{self.name} {'passed' if self.passed else 'failed'} on request #{self.request_id}"
 
+    @property
+    def label(self) -> str:
+        from rollouts.gates import GATE_LABELS
+
+        return GATE_LABELS.get(self.name, self.name)
+
 
 class Comment(models.Model):
     request = models.ForeignKey(DeploymentRequest, on_delete=models.CASCADE, related_name="comments")
