@@ -45,7 +45,10 @@ class BadFilter(ValueError):
 
 
 def _day_start(text: str, field: str) -> datetime:
-    day = parse_date(text)
+    try:
+        day = parse_date(text)
+    except ValueError:  # well formed but no such day, e.g. 2025-02-30
+        day = None
     if day is None:
         raise BadFilter(f"{field} must be a date written YYYY-MM-DD")
     return timezone.make_aware(datetime.combine(day, time.min), timezone.get_current_timezone())

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_POST
@@ -56,11 +56,14 @@ def request_create(request: HttpRequest, name: str, version: int) -> HttpRespons
         raise Http404(f"{name} has no version {version}.") from None
     previous = None
     if previous_id := request.GET.get("again") or request.POST.get("again"):
+        if not (previous_id.isascii() and previous_id.isdigit()):
+            return HttpResponseBadRequest("again must be the number of the request to ask again.")
         previous = selectors.deployment_requests_visible_to(request.user).filter(pk=previous_id).first()
     initial = {"environment": previous.endpoint.environment_id, "justification": previous.justification} if previous else {}
     form = DeploymentRequestForm(request.POST or None, initial=initial)
     status = 200
     if request.method == "POST":
+        status = 400
         if form.is_valid():
             try:
                 if previous is not None:
@@ -79,11 +82,12 @@ def request_create(request: HttpRequest, name: str, version: int) -> HttpRespons
                 for field, errors in exc.message_dict.items():
                     form.add_error(field if field in form.fields else None, errors)
             except Conflict as exc:
+                # Asking again while the old request is still open: a state conflict, not bad input.
                 form.add_error(None, str(exc))
+                status = 409
             else:
                 messages.success(request, f"Request #{req.pk} created; its automated gates are running.")
                 return redirect(req)
-        status = 400
     return render(request, "rollouts/request_form.html", {"form": form, "mv": mv, "previous": previous}, status=status)
 
 
