@@ -10,8 +10,8 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_date
 
-from portal.models import AuditEvent
-from portal.roles import sees_all_teams, user_roles
+from portal.models import AuditEvent, Team
+from portal.roles import is_platform_admin, sees_all_teams, user_roles
 
 
 def audit_events_visible_to(user: User | AnonymousUser) -> QuerySet[AuditEvent]:
@@ -54,7 +54,9 @@ def _day_start(text: str, field: str) -> datetime:
     return timezone.make_aware(datetime.combine(day, time.min), timezone.get_current_timezone())
 
 
-def audit_events_filtered(user: User | AnonymousUser, filters: AuditFilters) -> QuerySet[AuditEvent]:
+def audit_events_filtered(
+    user: User | AnonymousUser, filters: AuditFilters
+) -> QuerySet[AuditEvent]:
     """Raises BadFilter for an unreadable date."""
     events = audit_events_visible_to(user)
     if filters.model:
@@ -68,5 +70,15 @@ def audit_events_filtered(user: User | AnonymousUser, filters: AuditFilters) -> 
     if filters.since:
         events = events.filter(created_at__gte=_day_start(filters.since, "since"))
     if filters.until:
-        events = events.filter(created_at__lt=_day_start(filters.until, "until") + timedelta(days=1))
+        until = _day_start(filters.until, "until") + timedelta(days=1)
+        events = events.filter(created_at__lt=until)
     return events.order_by("-id")
+
+
+def teams_visible_to(user: User | AnonymousUser) -> QuerySet[Team]:
+    """Every team for platform admins; the user's own teams for everyone else."""
+    if is_platform_admin(user):
+        return Team.objects.all()
+    if not user.is_authenticated:
+        return Team.objects.none()
+    return Team.objects.filter(members=user)

@@ -140,7 +140,16 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "portal.api.exception_handler",
 }
-SPECTACULAR_SETTINGS = {"TITLE": "Rollgate API", "VERSION": "0.1.0"}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Rollgate API",
+    "DESCRIPTION": (
+        "Model registry, deployment requests and approvals, environments, endpoints, API keys, "
+        "teams and the audit trail. Authenticate with a session or `Authorization: Token <key>`."
+    ),
+    "VERSION": "0.1.0",
+    # The schema describes every route and who may call it: for signed-in users only.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+}
 
 # --- Celery -----------------------------------------------------------------------------------
 CELERY_BROKER_URL = env.str(
