@@ -7,12 +7,12 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import authentication, permissions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from monitoring import selectors, services
+from portal.api import ApiView
 from portal.roles import user_roles
 from rollouts.auth import ApiKeyAuthentication, ApiKeyClient
-from rollouts.models import Endpoint
+from rollouts.selectors import endpoints_visible_to
 
 MAX_FEEDBACK_ITEMS = 10_000
 
@@ -22,7 +22,9 @@ class IsClientOrPersona(permissions.BasePermission):
 
     def has_permission(self, request, view) -> bool:
         user = request.user
-        return isinstance(user, ApiKeyClient) or bool(user and user.is_authenticated and user_roles(user))
+        if isinstance(user, ApiKeyClient):
+            return True
+        return bool(user and user.is_authenticated and user_roles(user))
 
 
 class FeedbackItemSerializer(serializers.Serializer):
@@ -36,7 +38,7 @@ class FeedbackItemSerializer(serializers.Serializer):
         return value
 
 
-class FeedbackApi(APIView):
+class FeedbackApi(ApiView):
     """``POST /api/feedback``: one ``{request_id, label[, row]}`` object or a list of them."""
 
     authentication_classes = [
@@ -57,7 +59,9 @@ class FeedbackApi(APIView):
         if many and not data:
             raise serializers.ValidationError({"detail": "Send at least one {request_id, label}."})
         if many and len(data) > MAX_FEEDBACK_ITEMS:
-            raise serializers.ValidationError({"detail": f"At most {MAX_FEEDBACK_ITEMS} items per call."})
+            raise serializers.ValidationError(
+                {"detail": f"At most {MAX_FEEDBACK_ITEMS} items per call."}
+            )
         items = FeedbackItemSerializer(data=data, many=many)
         items.is_valid(raise_exception=True)
         validated = items.validated_data if many else [items.validated_data]
@@ -69,7 +73,7 @@ class FeedbackApi(APIView):
         return Response(self.OutputSerializer(result).data)
 
 
-class EndpointMetricsApi(APIView):
+class EndpointMetricsApi(ApiView):
     """``GET /api/endpoints/<name>/metrics``: per-version figures, as on the dashboard."""
 
     class OutputSerializer(serializers.Serializer):
@@ -84,5 +88,5 @@ class EndpointMetricsApi(APIView):
 
     @extend_schema(responses=OutputSerializer(many=True))
     def get(self, request: Request, name: str) -> Response:
-        endpoint = get_object_or_404(Endpoint, name=name)
+        endpoint = get_object_or_404(endpoints_visible_to(request.user), name=name)
         return Response(self.OutputSerializer(selectors.version_stats(endpoint), many=True).data)

@@ -5,10 +5,8 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
 
 from monitoring import figures, selectors
-from portal.models import AuditEvent
-from portal.roles import user_roles
+from portal.selectors import audit_events_visible_to
 from rollouts import selectors as rollout_selectors
-from rollouts.models import Endpoint
 
 
 @login_required
@@ -18,22 +16,20 @@ def overview(request: HttpRequest) -> HttpResponse:
         request,
         "monitoring/overview.html",
         {
-            "endpoints": rollout_selectors.endpoints_with_live_versions(),
+            "endpoints": rollout_selectors.endpoints_with_live_versions(request.user),
             "queue": rollout_selectors.review_queue(request.user)[:20],
             "my_requests": rollout_selectors.deployment_requests_visible_to(request.user).filter(
                 requester=request.user
             )[:10],
             # The audit trail is for personas only (see portal.views.audit_trail).
-            "recent_events": (
-                AuditEvent.objects.select_related("actor")[:10] if user_roles(request.user) else []
-            ),
+            "recent_events": audit_events_visible_to(request.user)[:10],
         },
     )
 
 
 @login_required
 def endpoint_dashboard(request: HttpRequest, name: str) -> HttpResponse:
-    endpoint = get_object_or_404(Endpoint.objects.select_related("environment", "registered_model"), name=name)
+    endpoint = get_object_or_404(rollout_selectors.endpoints_visible_to(request.user), name=name)
     frame = selectors.prediction_frame(endpoint)
     window = selectors.pick_window(frame, request.GET.get("window"))
     return render(

@@ -35,6 +35,8 @@ def event_hash(event: AuditEvent) -> str:
         "object_type": event.object_type,
         "object_id": event.object_id,
         "object_repr": event.object_repr,
+        "registered_model": event.registered_model,
+        "environment": event.environment,
         "before": event.before,
         "after": event.after,
     }
@@ -49,13 +51,16 @@ def audit_record(
     action: str,
     obj: models.Model | None = None,
     target: tuple[str, str, str] | None = None,
+    registered_model: str = "",
+    environment: str = "",
     before: dict[str, Any] | None = None,
     after: dict[str, Any] | None = None,
 ) -> AuditEvent:
     """Append one event to the chain. ``actor`` None (or anonymous) is recorded as ``system``.
 
     The object is ``obj`` (a saved model instance) or ``target`` = (type, id, repr) for things
-    that are not rows, such as a whole-registry sync.
+    that are not rows, such as a whole-registry sync. ``registered_model`` and ``environment``
+    name what the event concerns, for filtering the trail.
 
     Locks the chain head row, so concurrent callers append one after another.
     """
@@ -75,6 +80,8 @@ def audit_record(
         object_type=object_type,
         object_id=object_id,
         object_repr=object_repr[:255],
+        registered_model=registered_model,
+        environment=environment,
         before=_jsonable(before),
         after=_jsonable(after),
         prev_hash=head.last_hash,

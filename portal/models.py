@@ -22,6 +22,8 @@ class AuditEvent(models.Model):
     object_type = models.CharField(max_length=64)
     object_id = models.CharField(max_length=64)
     object_repr = models.CharField(max_length=255)
+    registered_model = models.CharField(max_length=255, blank=True, db_index=True)
+    environment = models.CharField(max_length=64, blank=True, db_index=True)
     before = models.JSONField(null=True, blank=True)
     after = models.JSONField(null=True, blank=True)
     prev_hash = models.CharField(max_length=64)
@@ -48,3 +50,18 @@ class AuditChainHead(models.Model):
 
     last_hash = models.CharField(max_length=64, default="0" * 64)
     length = models.PositiveBigIntegerField(default=0)
+
+
+class Team(models.Model):
+    """A group of data scientists that owns registered models. Reviewers, managers and platform
+    admins see every team's work; data scientists see and request only their teams' models."""
+
+    name = models.CharField(max_length=100, unique=True)
+    slug = models.SlugField(max_length=100, unique=True, help_text="matches the MLflow tag 'team'")
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, related_name="teams", blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name

@@ -43,6 +43,15 @@ def can_review(user: User | AnonymousUser) -> bool:
     return has_role(user, REVIEWERS)
 
 
+def sees_all_teams(user: User | AnonymousUser) -> bool:
+    """Reviewers, managers and platform admins see every team's models and requests."""
+    return bool(user_roles(user) & {REVIEWERS, MANAGERS, PLATFORM_ADMINS})
+
+
+def is_platform_admin(user: User | AnonymousUser) -> bool:
+    return has_role(user, PLATFORM_ADMINS)
+
+
 def can_sync_registry(user: User | AnonymousUser) -> bool:
     roles = user_roles(user)
     return bool(roles & {DATA_SCIENTISTS, REVIEWERS, PLATFORM_ADMINS})

@@ -140,7 +140,16 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "portal.api.exception_handler",
 }
-SPECTACULAR_SETTINGS = {"TITLE": "Rollgate API", "VERSION": "0.1.0"}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Rollgate API",
+    "DESCRIPTION": (
+        "Model registry, deployment requests and approvals, environments, endpoints, API keys, "
+        "teams and the audit trail. Authenticate with a session or `Authorization: Token <key>`."
+    ),
+    "VERSION": "0.1.0",
+    # The schema describes every route and who may call it: for signed-in users only.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+}
 
 # --- Celery -----------------------------------------------------------------------------------
 CELERY_BROKER_URL = env.str(
@@ -162,6 +171,10 @@ CELERY_BEAT_SCHEDULE = {
     "registry-sync": {
         "task": "registry.tasks.sync_registry",
         "schedule": env.float("REGISTRY_SYNC_INTERVAL_S", default=300.0),
+    },
+    "expire-requests": {
+        "task": "rollouts.tasks.expire_requests",
+        "schedule": env.float("REQUEST_EXPIRY_CHECK_S", default=600.0),
     },
 }
 

@@ -3,9 +3,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView
 
-from monitoring import api as monitoring_api
 from monitoring import views as monitoring_views
 from portal import views
 from rollouts.serving import views as serving_views
@@ -16,6 +14,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("audit/", views.audit_trail, name="audit"),
+    path("audit/export.csv", views.audit_export, name="audit_export"),
     path("registry/", include("registry.urls")),
     path("rollouts/", include("rollouts.urls")),
     path("monitoring/", include("monitoring.urls")),
@@ -23,12 +22,5 @@ urlpatterns = [
     path("health", serving_views.health, name="health"),
     path("ping", serving_views.health, name="ping"),
     path("version", serving_views.version, name="version"),
-    path("api/feedback", monitoring_api.FeedbackApi.as_view(), name="api-feedback"),
-    path(
-        "api/endpoints/<slug:name>/metrics",
-        monitoring_api.EndpointMetricsApi.as_view(),
-        name="api-endpoint-metrics",
-    ),
-    path("api/", include("rollouts.api_urls")),
-    path("api/schema", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/", include("portal.api_urls")),
 ]

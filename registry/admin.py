@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
+from portal.audit import audit_record
 from registry.models import ModelVersion, RegisteredModel
 
 
@@ -20,8 +21,29 @@ class ReadOnlyMirrorAdmin(admin.ModelAdmin):
 
 @admin.register(RegisteredModel)
 class RegisteredModelAdmin(ReadOnlyMirrorAdmin):
-    list_display = ["name", "aliases", "synced_at"]
+    """Read-only but for the owning team, which platform admins assign."""
+
+    list_display = ["name", "team", "aliases", "synced_at"]
+    list_filter = ["team"]
     search_fields = ["name"]
+    fields = ["name", "team", "description", "aliases", "synced_at"]
+    readonly_fields = ["name", "description", "aliases", "synced_at"]
+
+    def has_change_permission(self, request, obj=None):
+        return request.user.is_superuser or request.user.groups.filter(name="platform admins").exists()
+
+    def save_model(self, request, obj, form, change):
+        if "team" in form.changed_data:
+            before = RegisteredModel.objects.get(pk=obj.pk).team
+            super().save_model(request, obj, form, change)
+            audit_record(
+                actor=request.user,
+                action="registry.team_assigned",
+                obj=obj,
+                registered_model=obj.name,
+                before={"team": str(before) if before else None},
+                after={"team": str(obj.team) if obj.team else None},
+            )
 
 
 @admin.register(ModelVersion)

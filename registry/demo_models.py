@@ -59,9 +59,10 @@ def make_estimator(kind: str):
     raise ValueError(f"unknown model kind {kind!r}; use 'logistic' or 'forest'")
 
 
-def train_and_register(kind: str, registered_model_name: str) -> int:
+def train_and_register(kind: str, registered_model_name: str, *, team: str | None = "diagnostics") -> int:
     """Train ``kind`` on the train split, log it to MLflow and register it; returns the new
-    version number. Metrics are computed on the held-out test split."""
+    version number. Metrics are computed on the held-out test split. ``team`` is set as the
+    registered model's MLflow tag ``team``, which Rollgate reads as the owning team."""
     import mlflow
     import mlflow.sklearn
     from mlflow.models import infer_signature
@@ -103,4 +104,6 @@ def train_and_register(kind: str, registered_model_name: str) -> int:
             path = Path(tmp) / "reference_sample.csv"
             reference.assign(target=split.y_train.loc[reference.index]).to_csv(path, index=False)
             mlflow.log_artifact(str(path), artifact_path="reference")
+    if team:
+        mlflow.MlflowClient().set_registered_model_tag(registered_model_name, "team", team)
     return int(info.registered_model_version)

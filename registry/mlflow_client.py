@@ -18,10 +18,12 @@ from typing import Any
 
 from django.conf import settings
 
+from portal.errors import ServiceUnavailable
+
 logger = logging.getLogger(__name__)
 
 
-class RegistryError(Exception):
+class RegistryError(ServiceUnavailable):
     """MLflow could not be reached, or it does not have what was asked for."""
 
 

@@ -9,9 +9,19 @@ from __future__ import annotations
 from django.db import models
 from django.urls import reverse
 
+from portal.models import Team
+
 
 class RegisteredModel(models.Model):
     name = models.CharField(max_length=255, unique=True)
+    team = models.ForeignKey(
+        Team,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="registered_models",
+        help_text="owner; set from the MLflow tag 'team' on sync, or by a platform admin",
+    )
     description = models.TextField(blank=True)
     tags = models.JSONField(default=dict, blank=True)
     aliases = models.JSONField(default=dict, blank=True, help_text="alias -> version number")

@@ -9,6 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from portal.audit import audit_record
+from portal.models import Team
 from registry import mlflow_client
 from registry.models import ModelVersion, RegisteredModel
 
@@ -68,6 +69,9 @@ def _write_mirror(
         )
         before_aliases = dict(model.aliases)
         before_versions = sorted(model.versions.values_list("version", flat=True))
+        team_slug = rm.tags.get("team")
+        if team_slug:  # without the tag, keep what a platform admin assigned
+            model.team = Team.objects.filter(slug=team_slug).first() or model.team
         model.description = rm.description
         model.tags = rm.tags
         model.aliases = rm.aliases
@@ -109,6 +113,7 @@ def _write_mirror(
                 actor=actor,
                 action="registry.sync",
                 obj=model,
+                registered_model=model.name,
                 before={"versions": before_versions, "aliases": before_aliases},
                 after={"versions": [v.version for v in rm.versions], "aliases": rm.aliases},
             )
@@ -132,6 +137,8 @@ def registry_set_alias(*, model_version: ModelVersion, alias: str, actor: User |
             actor=actor,
             action="registry.alias_set",
             obj=model_version,
+            registered_model=name,
+            environment=alias,
             before={"alias": alias, "version": before},
             after={"alias": alias, "version": model_version.version},
         )

@@ -11,5 +11,6 @@ urlpatterns = [
     # Before the "<str:name>/" routes, so that no model name can ever shadow it.
     path("webhooks/mlflow", webhooks.mlflow_webhook, name="webhook"),
     path("<str:name>/", views.model_detail, name="model"),
+    path("<str:name>/compare", views.compare, name="compare"),
     path("<str:name>/versions/<int:version>/", views.version_detail, name="version"),
 ]

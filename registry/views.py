@@ -6,29 +6,37 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from portal.roles import can_sync_registry
+from portal.models import Team
+from registry import compare as compare_versions
 from registry import selectors, tasks
-from registry.models import ModelVersion, RegisteredModel
+from registry.models import ModelVersion
 
 
 @login_required
 def catalog(request: HttpRequest) -> HttpResponse:
     search = request.GET.get("q", "").strip()
+    team = request.GET.get("team", "").strip()
     return render(
         request,
         "registry/catalog.html",
-        {"models": selectors.registered_models_list(search=search), "q": search},
+        {
+            "models": selectors.registered_models_list(request.user, search=search, team=team),
+            "q": search,
+            "team": team,
+            "teams": Team.objects.order_by("name"),
+        },
     )
 
 
 @login_required
 def model_detail(request: HttpRequest, name: str) -> HttpResponse:
-    model = get_object_or_404(RegisteredModel, name=name)
+    model = get_object_or_404(selectors.registered_models_visible_to(request.user), name=name)
     versions = model.versions.order_by("-version")
     alias_by_version: dict[int, list[str]] = {}
     for alias, number in model.aliases.items():
@@ -40,7 +48,7 @@ def model_detail(request: HttpRequest, name: str) -> HttpResponse:
 @login_required
 def version_detail(request: HttpRequest, name: str, version: int) -> HttpResponse:
     try:
-        mv = selectors.model_version_get(name=name, version=version)
+        mv = selectors.model_version_get(request.user, name=name, version=version)
     except ModelVersion.DoesNotExist:
         raise Http404(f"{name} has no version {version}") from None
     aliases = sorted(a for a, v in mv.registered_model.aliases.items() if int(v) == mv.version)
@@ -49,6 +57,35 @@ def version_detail(request: HttpRequest, name: str, version: int) -> HttpRespons
         request,
         "registry/version_detail.html",
         {"mv": mv, "aliases": aliases, "example": example[:3000]},
+    )
+
+
+@login_required
+def compare(request: HttpRequest, name: str) -> HttpResponse:
+    """Two versions side by side: metrics, params and the signature diff (``?a=1&b=2``)."""
+    model = get_object_or_404(selectors.registered_models_visible_to(request.user), name=name)
+    versions = list(model.versions.order_by("-version"))
+    try:
+        a = int(request.GET.get("a") or (versions[1].version if len(versions) > 1 else 0))
+        b = int(request.GET.get("b") or (versions[0].version if versions else 0))
+    except ValueError:
+        return HttpResponseBadRequest("a and b must be version numbers")
+    by_number = {v.version: v for v in versions}
+    if a not in by_number or b not in by_number:
+        raise Http404(f"{name} has no version {a if a not in by_number else b}")
+    old, new = by_number[a], by_number[b]
+    return render(
+        request,
+        "registry/compare.html",
+        {
+            "model": model,
+            "versions": versions,
+            "old": old,
+            "new": new,
+            "metrics": compare_versions.metric_rows(new.metrics, old.metrics),
+            "params": compare_versions.param_rows(old.params, new.params),
+            "diff": compare_versions.signature_diff(old.signature, new.signature),
+        },
     )
 
 

@@ -1,18 +1,51 @@
-"""REST API of deployment requests and endpoints: one small view per operation, each calling the
-same service as the HTML pages. Input serializers never accept status, reviewer or ownership."""
+"""REST API of deployment requests, environments, API keys and endpoints: one small view per
+operation, each calling the same service as the HTML pages.
+
+Input serializers never accept status, reviewer, requester or ownership fields: those come from
+the signed-in user and the services. Reads go through ``rollouts.selectors``, so a data
+scientist of another team gets 404 for a request or endpoint they may not see.
+"""
 
 from __future__ import annotations
 
+from django.contrib.auth.models import Group
 from django.http import Http404
-from drf_spectacular.utils import extend_schema
-from rest_framework import serializers, status
+from django.shortcuts import get_object_or_404
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.plumbing import build_bearer_security_scheme_object
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import permissions, serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
+from portal.api import ApiView, IsPlatformAdmin
+from registry import selectors as registry_selectors
 from registry.models import ModelVersion
-from rollouts import selectors, services
-from rollouts.models import DeploymentRequest, Environment, Strategy
+from rollouts import gates, selectors, services
+from rollouts.models import (
+    ApiKey,
+    DeploymentRequest,
+    Endpoint,
+    Environment,
+    FreezeWindow,
+    Review,
+    Strategy,
+)
+
+
+class ApiKeyAuthenticationScheme(OpenApiAuthenticationExtension):
+    """Documents ``rollouts.auth.ApiKeyAuthentication`` (``Authorization: Bearer <key>``)."""
+
+    target_class = "rollouts.auth.ApiKeyAuthentication"
+    name = "apiKey"
+
+    def get_security_definition(self, auto_schema):
+        return build_bearer_security_scheme_object(
+            header_name="Authorization", token_prefix="Bearer"
+        )
+
+
+# --- Deployment requests ----------------------------------------------------------------------
 
 
 class DeploymentRequestOut(serializers.Serializer):
@@ -27,19 +60,88 @@ class DeploymentRequestOut(serializers.Serializer):
     justification = serializers.CharField()
     requester = serializers.CharField(source="requester.username")
     created_at = serializers.DateTimeField()
-    decided_at = serializers.DateTimeField()
-    live_at = serializers.DateTimeField()
+    decided_at = serializers.DateTimeField(allow_null=True)
+    live_at = serializers.DateTimeField(allow_null=True)
 
 
-class DeploymentRequestListApi(APIView):
+class GateResultOut(serializers.Serializer):
+    name = serializers.CharField()
+    label = serializers.CharField()
+    passed = serializers.BooleanField()
+    summary = serializers.CharField()
+    details = serializers.JSONField()
+    artifact_digest = serializers.CharField()
+    seconds = serializers.FloatField()
+
+
+class ReviewOut(serializers.Serializer):
+    reviewer = serializers.CharField(source="reviewer.username")
+    decision = serializers.CharField()
+    comment = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class CommentOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    author = serializers.CharField(source="author.username")
+    body = serializers.CharField()
+    created_at = serializers.DateTimeField()
+
+
+class DeploymentRequestDetailOut(DeploymentRequestOut):
+    """A request with its evidence and discussion, as on its page."""
+
+    previous_request = serializers.IntegerField(source="previous_request_id", allow_null=True)
+    artifact_digest = serializers.CharField()
+    expires_at = serializers.DateTimeField(allow_null=True)
+    approvals = serializers.SerializerMethodField()
+    required_approvals = serializers.IntegerField(source="endpoint.environment.required_approvals")
+    approver_group = serializers.SerializerMethodField()
+    freeze_override_reason = serializers.CharField()
+    freeze_override_by = serializers.CharField(
+        source="freeze_override_by.username", allow_null=True
+    )
+    gate_results = GateResultOut(many=True)
+    reviews = ReviewOut(many=True)
+    comments = CommentOut(many=True)
+
+    def get_approvals(self, req: DeploymentRequest) -> int:
+        """Distinct approvals recorded so far."""
+        return sum(r.decision == Review.Decision.APPROVE for r in req.reviews.all())
+
+    def get_approver_group(self, req: DeploymentRequest) -> str:
+        return services.approver_group_name(req.endpoint.environment)
+
+
+def _visible(request: Request, request_id: int) -> DeploymentRequest:
+    """The request with its reviews, comments and gate results; 404 when not visible."""
+    try:
+        return selectors.deployment_request_detail(request.user, request_id)
+    except DeploymentRequest.DoesNotExist:
+        raise Http404(f"No deployment request #{request_id}.") from None
+
+
+def _detail(request: Request, request_id: int, *, code: int = status.HTTP_200_OK) -> Response:
+    return Response(DeploymentRequestDetailOut(_visible(request, request_id)).data, status=code)
+
+
+class DeploymentRequestListApi(ApiView):
+    """``GET /api/requests[?status=]``; ``POST /api/requests`` opens a request (data
+    scientists of the model's team)."""
+
     class InputSerializer(serializers.Serializer):
         model = serializers.CharField(max_length=255)
         version = serializers.IntegerField(min_value=1)
-        environment = serializers.SlugRelatedField(slug_field="name", queryset=Environment.objects.all())
+        environment = serializers.SlugRelatedField(
+            slug_field="name", queryset=Environment.objects.all()
+        )
         strategy = serializers.ChoiceField(choices=Strategy.choices, default=Strategy.DIRECT)
         justification = serializers.CharField(max_length=4000)
 
-    @extend_schema(responses=DeploymentRequestOut(many=True))
+    @extend_schema(
+        parameters=[OpenApiParameter("status", str, enum=DeploymentRequest.Status.values)],
+        responses=DeploymentRequestOut(many=True),
+    )
     def get(self, request: Request) -> Response:
         qs = selectors.deployment_requests_visible_to(request.user)
         if (wanted := request.query_params.get("status")) in DeploymentRequest.Status.values:
@@ -51,11 +153,16 @@ class DeploymentRequestListApi(APIView):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         try:
-            mv = ModelVersion.objects.select_related("registered_model").get(
-                registered_model__name=data.validated_data["model"], version=data.validated_data["version"]
+            # Scoped: a version the user may not see is as unknown as a missing one.
+            mv = registry_selectors.model_version_get(
+                request.user,
+                name=data.validated_data["model"],
+                version=data.validated_data["version"],
             )
         except ModelVersion.DoesNotExist:
-            raise serializers.ValidationError({"version": "No such model version; sync the registry first?"}) from None
+            raise serializers.ValidationError(
+                {"version": "No such model version; sync the registry first?"}
+            ) from None
         req = services.deployment_request_create(
             requester=request.user,
             model_version=mv,
@@ -66,56 +173,300 @@ class DeploymentRequestListApi(APIView):
         return Response(DeploymentRequestOut(req).data, status=status.HTTP_201_CREATED)
 
 
-def _visible(request: Request, request_id: int) -> DeploymentRequest:
-    try:
-        return selectors.deployment_request_detail(request.user, request_id)
-    except DeploymentRequest.DoesNotExist:
-        raise Http404 from None
+class DeploymentRequestDetailApi(ApiView):
+    """``GET /api/requests/<id>``: the request, its gate results, reviews and comments."""
 
-
-class DeploymentRequestDetailApi(APIView):
-    @extend_schema(responses=DeploymentRequestOut)
+    @extend_schema(responses=DeploymentRequestDetailOut)
     def get(self, request: Request, request_id: int) -> Response:
-        return Response(DeploymentRequestOut(_visible(request, request_id)).data)
+        return _detail(request, request_id)
 
 
 class ReviewInput(serializers.Serializer):
     comment = serializers.CharField(max_length=4000, required=False, allow_blank=True, default="")
 
 
-class DeploymentRequestApproveApi(APIView):
-    @extend_schema(request=ReviewInput, responses=DeploymentRequestOut)
+class DeploymentRequestApproveApi(ApiView):
+    """``POST /api/requests/<id>/approve``: one approval from the environment's approver group
+    (never the requester); the N-th approves the request and launches its deployment."""
+
+    @extend_schema(request=ReviewInput, responses=DeploymentRequestDetailOut)
     def post(self, request: Request, request_id: int) -> Response:
+        _visible(request, request_id)
         data = ReviewInput(data=request.data)
         data.is_valid(raise_exception=True)
-        _visible(request, request_id)
-        req = services.deployment_request_approve(
+        services.deployment_request_approve(
             request_id=request_id, reviewer=request.user, comment=data.validated_data["comment"]
         )
-        return Response(DeploymentRequestOut(req).data)
+        return _detail(request, request_id)
 
 
-class DeploymentRequestRejectApi(APIView):
-    @extend_schema(request=ReviewInput, responses=DeploymentRequestOut)
+class DeploymentRequestRejectApi(ApiView):
+    """``POST /api/requests/<id>/reject {comment}``: the comment is required."""
+
+    @extend_schema(request=ReviewInput, responses=DeploymentRequestDetailOut)
     def post(self, request: Request, request_id: int) -> Response:
+        _visible(request, request_id)
         data = ReviewInput(data=request.data)
         data.is_valid(raise_exception=True)
-        _visible(request, request_id)
-        req = services.deployment_request_reject(
+        services.deployment_request_reject(
             request_id=request_id, reviewer=request.user, comment=data.validated_data["comment"]
         )
-        return Response(DeploymentRequestOut(req).data)
+        return _detail(request, request_id)
 
 
-class DeploymentRequestCancelApi(APIView):
-    @extend_schema(request=None, responses=DeploymentRequestOut)
+class DeploymentRequestCancelApi(ApiView):
+    """``POST /api/requests/<id>/cancel``: the requester withdraws the request."""
+
+    @extend_schema(request=None, responses=DeploymentRequestDetailOut)
     def post(self, request: Request, request_id: int) -> Response:
         _visible(request, request_id)
-        req = services.deployment_request_cancel(request_id=request_id, actor=request.user)
-        return Response(DeploymentRequestOut(req).data)
+        services.deployment_request_cancel(request_id=request_id, actor=request.user)
+        return _detail(request, request_id)
 
 
-class EndpointListApi(APIView):
+class DeploymentRequestResubmitApi(ApiView):
+    """``POST /api/requests/<id>/resubmit {justification}``: the original requester asks again
+    after a rejection, failed gates, expiry, cancellation or a failed deployment (201, the new
+    request, linked to the old one)."""
+
+    class InputSerializer(serializers.Serializer):
+        justification = serializers.CharField(max_length=4000)
+
+    @extend_schema(request=InputSerializer, responses={201: DeploymentRequestDetailOut})
+    def post(self, request: Request, request_id: int) -> Response:
+        _visible(request, request_id)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        new = services.deployment_request_resubmit(
+            request_id=request_id,
+            requester=request.user,
+            justification=data.validated_data["justification"],
+        )
+        return _detail(request, new.pk, code=status.HTTP_201_CREATED)
+
+
+class DeploymentRequestOverrideFreezeApi(ApiView):
+    """``POST /api/requests/<id>/override-freeze {reason}`` (platform admins): the request may be
+    released during a freeze window."""
+
+    class InputSerializer(serializers.Serializer):
+        reason = serializers.CharField(max_length=4000)
+
+    @extend_schema(request=InputSerializer, responses=DeploymentRequestDetailOut)
+    def post(self, request: Request, request_id: int) -> Response:
+        _visible(request, request_id)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.deployment_request_override_freeze(
+            request_id=request_id, actor=request.user, reason=data.validated_data["reason"]
+        )
+        return _detail(request, request_id)
+
+
+class DeploymentRequestCommentsApi(ApiView):
+    """``GET /api/requests/<id>/comments``; ``POST {body}`` adds one (anyone who sees the
+    request)."""
+
+    class InputSerializer(serializers.Serializer):
+        body = serializers.CharField(max_length=4000)
+
+    @extend_schema(responses=CommentOut(many=True))
+    def get(self, request: Request, request_id: int) -> Response:
+        return Response(CommentOut(_visible(request, request_id).comments.all(), many=True).data)
+
+    @extend_schema(request=InputSerializer, responses={201: CommentOut})
+    def post(self, request: Request, request_id: int) -> Response:
+        _visible(request, request_id)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        comment = services.deployment_request_comment(
+            request_id=request_id, author=request.user, body=data.validated_data["body"]
+        )
+        return Response(CommentOut(comment).data, status=status.HTTP_201_CREATED)
+
+
+# --- Environments and their approval policies -------------------------------------------------
+
+
+class EnvironmentOut(serializers.Serializer):
+    name = serializers.CharField()
+    description = serializers.CharField()
+    order = serializers.IntegerField()
+    required_approvals = serializers.IntegerField()
+    approver_group = serializers.CharField(source="approver_group.name", allow_null=True)
+    requires_live_in = serializers.CharField(source="requires_live_in.name", allow_null=True)
+    gates = serializers.ListField(child=serializers.CharField())
+    metric_tolerance = serializers.FloatField()
+    request_expiry_days = serializers.IntegerField()
+
+
+class FreezeWindowOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    environment = serializers.CharField(source="environment.name")
+    starts_at = serializers.DateTimeField()
+    ends_at = serializers.DateTimeField()
+    reason = serializers.CharField()
+
+
+def _environment(name: str) -> Environment:
+    return get_object_or_404(
+        Environment.objects.select_related("approver_group", "requires_live_in"), name=name
+    )
+
+
+class EnvironmentListApi(ApiView):
+    """``GET /api/environments``: every environment with its approval policy."""
+
+    @extend_schema(responses=EnvironmentOut(many=True))
+    def get(self, request: Request) -> Response:
+        envs = Environment.objects.select_related("approver_group", "requires_live_in")
+        return Response(EnvironmentOut(envs, many=True).data)
+
+
+class EnvironmentDetailApi(ApiView):
+    """``GET /api/environments/<name>``; ``PATCH`` changes its policy (platform admins), with
+    the approver group and the environment of the promotion path given by name."""
+
+    class InputSerializer(serializers.Serializer):
+        required_approvals = serializers.IntegerField(min_value=1, max_value=10, required=False)
+        approver_group = serializers.SlugRelatedField(
+            slug_field="name", queryset=Group.objects.all(), allow_null=True, required=False
+        )
+        requires_live_in = serializers.SlugRelatedField(
+            slug_field="name", queryset=Environment.objects.all(), allow_null=True, required=False
+        )
+        gates = serializers.ListField(
+            child=serializers.ChoiceField(choices=gates.ALL_GATES), required=False
+        )
+        metric_tolerance = serializers.FloatField(min_value=0.0, max_value=1.0, required=False)
+        request_expiry_days = serializers.IntegerField(min_value=1, required=False)
+
+        def validate(self, attrs):
+            if not attrs:
+                raise serializers.ValidationError("Send at least one policy field.")
+            return attrs
+
+    def get_permissions(self):
+        if self.request.method == "PATCH":
+            return [permissions.IsAuthenticated(), IsPlatformAdmin()]
+        return super().get_permissions()
+
+    @extend_schema(responses=EnvironmentOut)
+    def get(self, request: Request, name: str) -> Response:
+        return Response(EnvironmentOut(_environment(name)).data)
+
+    @extend_schema(request=InputSerializer, responses=EnvironmentOut)
+    def patch(self, request: Request, name: str) -> Response:
+        env = _environment(name)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        env = services.environment_policy_update(
+            environment_id=env.pk, actor=request.user, changes=dict(data.validated_data)
+        )
+        return Response(EnvironmentOut(_environment(env.name)).data)
+
+
+class FreezeWindowListApi(ApiView):
+    """``GET /api/environments/<name>/freeze-windows``; ``POST {starts_at, ends_at, reason}``
+    schedules one (platform admins)."""
+
+    class InputSerializer(serializers.Serializer):
+        starts_at = serializers.DateTimeField()
+        ends_at = serializers.DateTimeField()
+        reason = serializers.CharField(max_length=255)
+
+    def get_permissions(self):
+        if self.request.method == "POST":
+            return [permissions.IsAuthenticated(), IsPlatformAdmin()]
+        return super().get_permissions()
+
+    @extend_schema(responses=FreezeWindowOut(many=True))
+    def get(self, request: Request, name: str) -> Response:
+        windows = _environment(name).freeze_windows.select_related("environment")
+        return Response(FreezeWindowOut(windows, many=True).data)
+
+    @extend_schema(request=InputSerializer, responses={201: FreezeWindowOut})
+    def post(self, request: Request, name: str) -> Response:
+        env = _environment(name)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        window: FreezeWindow = services.freeze_window_create(
+            environment=env, actor=request.user, **data.validated_data
+        )
+        return Response(FreezeWindowOut(window).data, status=status.HTTP_201_CREATED)
+
+
+# --- API keys of client applications ----------------------------------------------------------
+
+
+class ApiKeyOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    name = serializers.CharField()
+    prefix = serializers.CharField()
+    endpoints = serializers.SerializerMethodField()
+    created_by = serializers.CharField(source="created_by.username", allow_null=True)
+    created_at = serializers.DateTimeField()
+    revoked_at = serializers.DateTimeField(allow_null=True)
+
+    def get_endpoints(self, key: ApiKey) -> list[str]:
+        return sorted(e.name for e in key.endpoints.all())
+
+
+class ApiKeyCreatedOut(ApiKeyOut):
+    key = serializers.CharField(help_text="the plaintext key: shown once, never stored")
+
+
+class ApiKeyListApi(ApiView):
+    """``GET /api/api-keys``; ``POST {name, endpoints: [endpoint names]}`` creates a key and
+    returns it in plain text, once (platform admins)."""
+
+    permission_classes = [permissions.IsAuthenticated, IsPlatformAdmin]
+
+    class InputSerializer(serializers.Serializer):
+        name = serializers.CharField(max_length=100)
+        endpoints = serializers.SlugRelatedField(
+            slug_field="name", queryset=Endpoint.objects.all(), many=True, allow_empty=False
+        )
+
+    @extend_schema(responses=ApiKeyOut(many=True))
+    def get(self, request: Request) -> Response:
+        keys = ApiKey.objects.select_related("created_by").prefetch_related("endpoints")
+        return Response(ApiKeyOut(keys, many=True).data)
+
+    @extend_schema(request=InputSerializer, responses={201: ApiKeyCreatedOut})
+    def post(self, request: Request) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        key, raw = services.api_key_create(
+            name=data.validated_data["name"],
+            endpoints=data.validated_data["endpoints"],
+            created_by=request.user,
+        )
+        key.key = raw
+        return Response(ApiKeyCreatedOut(key).data, status=status.HTTP_201_CREATED)
+
+
+class ApiKeyRevokeApi(ApiView):
+    """``POST /api/api-keys/<id>/revoke`` (platform admins); revoking twice changes nothing."""
+
+    permission_classes = [permissions.IsAuthenticated, IsPlatformAdmin]
+
+    @extend_schema(request=None, responses=ApiKeyOut)
+    def post(self, request: Request, key_id: int) -> Response:
+        key = services.api_key_revoke(key_id=key_id, actor=request.user)
+        return Response(ApiKeyOut(key).data)
+
+
+# --- Endpoints ----------------------------------------------------------------------------------
+
+
+def _endpoint(request: Request, name: str) -> Endpoint:
+    return get_object_or_404(selectors.endpoints_visible_to(request.user), name=name)
+
+
+class EndpointListApi(ApiView):
+    """``GET /api/endpoints``: the endpoints the user may see, with their live traffic split."""
+
     class OutputSerializer(serializers.Serializer):
         name = serializers.CharField()
         environment = serializers.CharField()
@@ -131,6 +482,41 @@ class EndpointListApi(APIView):
                 "registered_model": e.registered_model.name,
                 "traffic": {str(d.model_version.version): d.traffic_weight for d in live},
             }
-            for e, live in selectors.endpoints_with_live_versions()
+            for e, live in selectors.endpoints_with_live_versions(request.user)
         ]
         return Response(self.OutputSerializer(rows, many=True).data)
+
+
+class EndpointTimelineApi(ApiView):
+    """``GET /api/endpoints/<name>/timeline``: what served when, oldest first."""
+
+    class OutputSerializer(serializers.Serializer):
+        start = serializers.DateTimeField()
+        end = serializers.DateTimeField(allow_null=True, help_text="null for the current state")
+        traffic = serializers.DictField(
+            child=serializers.IntegerField(), help_text='percent per version, e.g. {"v1": 100}'
+        )
+        actor = serializers.CharField()
+
+    @extend_schema(responses=OutputSerializer(many=True))
+    def get(self, request: Request, name: str) -> Response:
+        rows = selectors.traffic_timeline(_endpoint(request, name))
+        return Response(self.OutputSerializer(rows, many=True).data)
+
+
+class EndpointRollbackApi(ApiView):
+    """``POST /api/endpoints/<name>/rollback {reason}`` (reviewers and platform admins): the
+    release before the live one serves again; returns the restored request."""
+
+    class InputSerializer(serializers.Serializer):
+        reason = serializers.CharField(max_length=4000)
+
+    @extend_schema(request=InputSerializer, responses=DeploymentRequestDetailOut)
+    def post(self, request: Request, name: str) -> Response:
+        endpoint = _endpoint(request, name)
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        restored = services.deployment_rollback(
+            endpoint_id=endpoint.pk, actor=request.user, reason=data.validated_data["reason"]
+        )
+        return _detail(request, restored.pk)

@@ -4,12 +4,21 @@ prediction log that the serving data plane writes."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 from django.conf import settings
+from django.contrib.auth.models import Group
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.urls import reverse
 
 from registry.models import ModelVersion, RegisteredModel
+
+
+def default_gates() -> list[str]:
+    from rollouts.gates import ALL_GATES
+
+    return list(ALL_GATES)
 
 
 class Environment(models.Model):
@@ -21,12 +30,85 @@ class Environment(models.Model):
     name = models.SlugField(max_length=64, unique=True)
     description = models.CharField(max_length=255, blank=True)
     order = models.PositiveSmallIntegerField(default=0, help_text="position on the promotion path")
+    # --- approval policy (edited by platform admins; every edit is audited) ---
+    required_approvals = models.PositiveSmallIntegerField(
+        default=1,
+        validators=[MinValueValidator(1), MaxValueValidator(10)],
+        help_text="distinct people from the approver group who must approve",
+    )
+    approver_group = models.ForeignKey(
+        Group,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="who may approve; empty means the reviewers group",
+    )
+    requires_live_in = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="promotion path: the same version must have been live there first",
+    )
+    gates = models.JSONField(default=default_gates, blank=True, help_text="names of the gates to run")
+    metric_tolerance = models.FloatField(
+        default=0.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="largest drop of a gated offline metric below the champion's that passes",
+    )
+    request_expiry_days = models.PositiveSmallIntegerField(
+        default=7, validators=[MinValueValidator(1)], help_text="undecided requests expire after"
+    )
 
     class Meta:
         ordering = ["order", "name"]
 
     def __str__(self) -> str:
         return self.name
+
+    def active_freeze(self, at: datetime) -> FreezeWindow | None:
+        return self.freeze_windows.filter(starts_at__lte=at, ends_at__gt=at).first()
+
+    POLICY_FIELDS = (
+        "required_approvals",
+        "approver_group",
+        "requires_live_in",
+        "gates",
+        "metric_tolerance",
+        "request_expiry_days",
+    )
+
+    def policy(self) -> dict[str, object]:
+        """The approval policy as plain data (for audit events and the API)."""
+        return {
+            "required_approvals": self.required_approvals,
+            "approver_group": self.approver_group.name if self.approver_group_id else None,
+            "requires_live_in": self.requires_live_in.name if self.requires_live_in_id else None,
+            "gates": list(self.gates),
+            "metric_tolerance": self.metric_tolerance,
+            "request_expiry_days": self.request_expiry_days,
+        }
+
+
+class FreezeWindow(models.Model):
+    """No release to the environment between ``starts_at`` and ``ends_at`` unless a platform
+    admin overrides it on a request, with a reason."""
+
+    environment = models.ForeignKey(Environment, on_delete=models.CASCADE, related_name="freeze_windows")
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    reason = models.CharField(max_length=255)
+
+    class Meta:
+        ordering = ["starts_at"]
+        constraints = [
+            models.CheckConstraint(condition=models.Q(ends_at__gt=models.F("starts_at")), name="freeze_ends_after_start")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.environment} frozen {self.starts_at:%Y-%m-%d %H:%M} to {self.ends_at:%Y-%m-%d %H:%M}"
 
 
 class Endpoint(models.Model):
@@ -62,29 +144,55 @@ class DeploymentRequest(models.Model):
     """A data scientist's request to take one model version to one endpoint."""
 
     class Status(models.TextChoices):
+        PENDING_GATES = "pending_gates", "Pending gates"
         AWAITING_REVIEW = "awaiting_review", "Awaiting review"
         APPROVED = "approved", "Approved"
         DEPLOYING = "deploying", "Deploying"
         LIVE = "live", "Live"
+        GATES_FAILED = "gates_failed", "Gates failed"
         REJECTED = "rejected", "Rejected"
         CANCELLED = "cancelled", "Cancelled"
+        EXPIRED = "expired", "Expired"
         FAILED = "failed", "Failed"
+        ROLLED_BACK = "rolled_back", "Rolled back"
         SUPERSEDED = "superseded", "Superseded"
 
     # The only allowed moves; ``rollouts.services`` raises InvalidTransition for any other.
     TRANSITIONS: dict[str, frozenset[str]] = {
-        Status.AWAITING_REVIEW: frozenset({Status.APPROVED, Status.REJECTED, Status.CANCELLED}),
+        Status.PENDING_GATES: frozenset(
+            {Status.AWAITING_REVIEW, Status.GATES_FAILED, Status.CANCELLED, Status.EXPIRED}
+        ),
+        Status.AWAITING_REVIEW: frozenset(
+            {Status.APPROVED, Status.REJECTED, Status.CANCELLED, Status.EXPIRED}
+        ),
         Status.APPROVED: frozenset({Status.DEPLOYING, Status.CANCELLED}),
         Status.DEPLOYING: frozenset({Status.LIVE, Status.FAILED}),
-        Status.LIVE: frozenset({Status.SUPERSEDED}),
+        Status.LIVE: frozenset({Status.SUPERSEDED, Status.ROLLED_BACK}),
+        # A rollback restores the release that the rolled-back one had superseded.
+        Status.SUPERSEDED: frozenset({Status.LIVE}),
+        Status.GATES_FAILED: frozenset(),
         Status.REJECTED: frozenset(),
         Status.CANCELLED: frozenset(),
+        Status.EXPIRED: frozenset(),
         Status.FAILED: frozenset(),
-        Status.SUPERSEDED: frozenset(),
+        Status.ROLLED_BACK: frozenset(),
     }
-    ACTIVE = frozenset({Status.AWAITING_REVIEW, Status.APPROVED, Status.DEPLOYING})
+    # Not yet decided or deployed: counts as "open" for duplicates and expiry.
+    ACTIVE = frozenset({Status.PENDING_GATES, Status.AWAITING_REVIEW, Status.APPROVED, Status.DEPLOYING})
+    UNDECIDED = frozenset({Status.PENDING_GATES, Status.AWAITING_REVIEW})
     TERMINAL = frozenset(
-        {Status.REJECTED, Status.CANCELLED, Status.FAILED, Status.SUPERSEDED}
+        {
+            Status.GATES_FAILED,
+            Status.REJECTED,
+            Status.CANCELLED,
+            Status.EXPIRED,
+            Status.FAILED,
+            Status.ROLLED_BACK,
+            Status.SUPERSEDED,
+        }
+    )
+    RESUBMITTABLE = frozenset(
+        {Status.GATES_FAILED, Status.REJECTED, Status.CANCELLED, Status.EXPIRED, Status.FAILED}
     )
 
     model_version = models.ForeignKey(
@@ -99,9 +207,25 @@ class DeploymentRequest(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="deployment_requests"
     )
     status = models.CharField(
-        max_length=32, choices=Status.choices, default=Status.AWAITING_REVIEW, db_index=True
+        max_length=32, choices=Status.choices, default=Status.PENDING_GATES, db_index=True
     )
     status_reason = models.TextField(blank=True)
+    previous_request = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="resubmissions",
+        help_text="the request this one asks again after it was rejected",
+    )
+    artifact_digest = models.CharField(
+        max_length=64, blank=True, help_text="sha256 of the artifacts the gates checked"
+    )
+    freeze_override_reason = models.TextField(blank=True)
+    freeze_override_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     decided_at = models.DateTimeField(null=True, blank=True)
@@ -142,6 +266,47 @@ class Review(models.Model):
 
     def __str__(self) -> str:
         return f"{self.reviewer} {self.decision}d request #{self.request_id}"
+
+
+class GateResult(models.Model):
+    """Evidence from one automated gate, bound to the artifact digest it checked."""
+
+    request = models.ForeignKey(DeploymentRequest, on_delete=models.CASCADE, related_name="gate_results")
+    name = models.CharField(max_length=64)
+    passed = models.BooleanField()
+    summary = models.CharField(max_length=1000)
+    details = models.JSONField(default=dict, blank=True)
+    artifact_digest = models.CharField(max_length=64)
+    seconds = models.FloatField(default=0.0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["pk"]
+        constraints = [
+            models.UniqueConstraint(fields=["request", "name"], name="one_result_per_gate")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} {'passed' if self.passed else 'failed'} on request #{self.request_id}"
+
+    @property
+    def label(self) -> str:
+        from rollouts.gates import GATE_LABELS
+
+        return GATE_LABELS.get(self.name, self.name)
+
+
+class Comment(models.Model):
+    request = models.ForeignKey(DeploymentRequest, on_delete=models.CASCADE, related_name="comments")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    body = models.TextField(max_length=4000)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["created_at"]
+
+    def __str__(self) -> str:
+        return f"comment by {self.author} on request #{self.request_id}"
 
 
 class Deployment(models.Model):

@@ -3,43 +3,63 @@
 from __future__ import annotations
 
 from django.contrib.auth.models import AnonymousUser, User
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Prefetch, Q, QuerySet
 
-from portal.roles import can_review, user_roles
-from rollouts.models import Deployment, DeploymentRequest, Endpoint, Review
+from portal.models import AuditEvent
+from portal.roles import can_review
+from registry.selectors import registered_models_visible_to
+from rollouts.models import Comment, Deployment, DeploymentRequest, Endpoint, Review
 
 
 def deployment_requests_visible_to(user: User | AnonymousUser) -> QuerySet[DeploymentRequest]:
-    """Every request a user may see: none for anonymous users, all for every persona
-    (team scoping arrives with teams)."""
-    qs = DeploymentRequest.objects.select_related(
+    """The one place that scopes requests: the requests on registered models the user may see
+    (``registry.selectors.registered_models_visible_to``)."""
+    return DeploymentRequest.objects.select_related(
         "model_version__registered_model", "endpoint__environment", "requester"
+    ).filter(model_version__registered_model__in=registered_models_visible_to(user))
+
+
+def endpoints_visible_to(user: User | AnonymousUser) -> QuerySet[Endpoint]:
+    """Endpoints of the registered models the user may see."""
+    return Endpoint.objects.select_related("environment", "registered_model").filter(
+        registered_model__in=registered_models_visible_to(user)
     )
-    if not user.is_authenticated or not user_roles(user):
-        return qs.none()
-    return qs
 
 
 def deployment_request_detail(user: User | AnonymousUser, request_id: int) -> DeploymentRequest:
     """Raises DeploymentRequest.DoesNotExist when missing or not visible to ``user``."""
     return (
         deployment_requests_visible_to(user)
-        .prefetch_related(Prefetch("reviews", queryset=Review.objects.select_related("reviewer")))
+        .select_related("previous_request", "freeze_override_by")
+        .prefetch_related(
+            Prefetch("reviews", queryset=Review.objects.select_related("reviewer")),
+            Prefetch("comments", queryset=Comment.objects.select_related("author")),
+            "gate_results",
+            "resubmissions",
+        )
         .get(pk=request_id)
     )
 
 
 def review_queue(user: User | AnonymousUser) -> QuerySet[DeploymentRequest]:
-    """Requests awaiting a decision that ``user`` may make (never their own)."""
-    if not can_review(user):
+    """Requests awaiting a decision that ``user`` may make: in an environment whose approver
+    group they belong to, never their own, not yet reviewed by them."""
+    if not user.is_authenticated:
         return DeploymentRequest.objects.none()
-    return deployment_requests_visible_to(user).filter(
-        status=DeploymentRequest.Status.AWAITING_REVIEW
-    ).exclude(requester=user)
+    groups = list(user.groups.values_list("pk", flat=True))
+    in_group = Q(endpoint__environment__approver_group__in=groups)
+    if can_review(user):
+        in_group |= Q(endpoint__environment__approver_group__isnull=True)
+    return (
+        deployment_requests_visible_to(user)
+        .filter(in_group, status=DeploymentRequest.Status.AWAITING_REVIEW)
+        .exclude(requester=user)
+        .exclude(reviews__reviewer=user)
+    )
 
 
-def endpoints_with_live_versions() -> list[tuple[Endpoint, list[Deployment]]]:
-    endpoints = Endpoint.objects.select_related("environment", "registered_model").prefetch_related(
+def endpoints_with_live_versions(user: User | AnonymousUser) -> list[tuple[Endpoint, list[Deployment]]]:
+    endpoints = endpoints_visible_to(user).prefetch_related(
         Prefetch(
             "deployments",
             queryset=Deployment.objects.filter(status=Deployment.Status.LIVE).select_related(
@@ -49,3 +69,20 @@ def endpoints_with_live_versions() -> list[tuple[Endpoint, list[Deployment]]]:
         )
     )
     return [(e, e.live_deployments) for e in endpoints]
+
+
+def traffic_timeline(endpoint: Endpoint) -> list[dict[str, object]]:
+    """What served when: one row per traffic state of the endpoint, from the audit trail's
+    ``traffic.changed`` events: ``{"start": datetime, "end": datetime | None, "traffic":
+    {"v1": 100}, "actor": str}``; ``end`` None for the current state."""
+    events = list(
+        AuditEvent.objects.filter(
+            action="traffic.changed", object_type=Endpoint._meta.label, object_id=str(endpoint.pk)
+        ).order_by("id")
+    )
+    rows = []
+    for i, event in enumerate(events):
+        end = events[i + 1].created_at if i + 1 < len(events) else None
+        traffic = (event.after or {}).get("traffic", {})
+        rows.append({"start": event.created_at, "end": end, "traffic": traffic, "actor": event.actor_label})
+    return rows

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import secrets
+from datetime import datetime, timedelta
 
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -22,16 +23,20 @@ from django.utils.text import slugify
 
 from portal.audit import audit_record
 from portal.errors import Conflict
-from portal.roles import can_request_deployment, can_review
+from portal.roles import REVIEWERS, can_request_deployment, can_review, is_platform_admin
 from registry import mlflow_client
 from registry.models import ModelVersion
 from registry.services import registry_set_alias
+from rollouts import gates
 from rollouts.models import (
     ApiKey,
+    Comment,
     Deployment,
     DeploymentRequest,
     Endpoint,
     Environment,
+    FreezeWindow,
+    GateResult,
     Review,
     Strategy,
 )
@@ -46,6 +51,10 @@ class InvalidTransition(Conflict):
 
 class SeparationOfDutiesError(PermissionDenied):
     """The requester of a deployment tried to review it (HTTP 403)."""
+
+
+class ArtifactChanged(Conflict):
+    """The version's artifacts no longer match the digest its gates checked (HTTP 409)."""
 
 
 def _transition(req: DeploymentRequest, new: str, *, reason: str = "") -> str:
@@ -78,6 +87,25 @@ def _locked_request(request_id: int) -> DeploymentRequest:
     )
 
 
+def _audit(req: DeploymentRequest, action: str, actor: User | None, before: dict | None = None, after: dict | None = None) -> None:
+    audit_record(
+        actor=actor,
+        action=action,
+        obj=req,
+        registered_model=req.model_version.registered_model.name,
+        environment=req.endpoint.environment.name,
+        before=before,
+        after=after,
+    )
+
+
+def _notify(request_id: int, event: str) -> None:
+    """Queue the e-mail for ``event`` once the transaction commits."""
+    from rollouts import tasks
+
+    transaction.on_commit(lambda: tasks.send_request_notification.delay(request_id, event))
+
+
 def endpoint_for(*, model_version: ModelVersion, environment: Environment) -> Endpoint:
     """The endpoint of the version's registered model in ``environment``, created on first use
     and named ``<model>-<environment>`` (``-2``, ``-3``... appended when another model's name
@@ -99,6 +127,17 @@ def endpoint_for(*, model_version: ModelVersion, environment: Environment) -> En
     return endpoint
 
 
+def champion_of(endpoint: Endpoint) -> ModelVersion | None:
+    """The endpoint's stable version: the live deployment with the most traffic (latest first)."""
+    live = (
+        Deployment.objects.filter(endpoint=endpoint, status=Deployment.Status.LIVE)
+        .select_related("model_version__registered_model")
+        .order_by("-traffic_weight", "-live_at")
+        .first()
+    )
+    return live.model_version if live else None
+
+
 @transaction.atomic
 def deployment_request_create(
     *,
@@ -107,16 +146,24 @@ def deployment_request_create(
     environment: Environment,
     strategy: str = Strategy.DIRECT,
     justification: str,
+    previous_request: DeploymentRequest | None = None,
 ) -> DeploymentRequest:
-    """Open a request to deploy ``model_version`` to its endpoint in ``environment``.
+    """Open a request to deploy ``model_version`` to its endpoint in ``environment``; its gates
+    run in a Celery task once the transaction commits.
 
     Raises:
-        PermissionDenied: the user is not a data scientist.
+        PermissionDenied: the user is not a data scientist of the model's team.
         ValidationError: unknown strategy, empty justification, a version MLflow has not marked
-            READY, or an open request for the same version and endpoint.
+            READY, the promotion path not followed (e.g. production before staging), or an open
+            request for the same version and endpoint.
     """
+    from rollouts import tasks
+
     if not can_request_deployment(requester):
         raise PermissionDenied("Only data scientists can request deployments.")
+    model = model_version.registered_model
+    if model.team_id is None or not model.team.members.filter(pk=requester.pk).exists():
+        raise PermissionDenied(f"{model.name} does not belong to one of your teams.")
     if strategy not in Strategy.values:
         raise ValidationError({"strategy": f"Unknown strategy {strategy!r}."})
     if not justification.strip():
@@ -125,16 +172,21 @@ def deployment_request_create(
         raise ValidationError(
             {"model_version": f"{model_version} is {model_version.status or 'not ready'} in MLflow."}
         )
+    prior = environment.requires_live_in
+    if prior is not None and not Deployment.objects.filter(
+        model_version=model_version, endpoint__environment=prior, live_at__isnull=False
+    ).exists():
+        raise ValidationError(
+            {"environment": f"{environment.name} requires v{model_version.version} to have been live in {prior.name} first."}
+        )
     endpoint = endpoint_for(model_version=model_version, environment=environment)
     # Lock the endpoint row so that concurrent creates for it queue here: on PostgreSQL a
     # select_for_update() that matches no open request locks nothing, so without this two
     # requests could both pass the duplicate check below.
     Endpoint.objects.select_for_update().get(pk=endpoint.pk)
-    open_request = (
-        DeploymentRequest.objects.select_for_update()
-        .filter(model_version=model_version, endpoint=endpoint, status__in=DeploymentRequest.ACTIVE)
-        .first()
-    )
+    open_request = DeploymentRequest.objects.filter(
+        model_version=model_version, endpoint=endpoint, status__in=DeploymentRequest.ACTIVE
+    ).first()
     if open_request is not None:
         raise ValidationError(
             {"model_version": f"Request #{open_request.pk} for this version is already open."}
@@ -145,75 +197,196 @@ def deployment_request_create(
         strategy=strategy,
         justification=justification.strip(),
         requester=requester,
+        previous_request=previous_request,
+        expires_at=timezone.now() + timedelta(days=environment.request_expiry_days),
     )
-    audit_record(
-        actor=requester,
-        action="request.created",
-        obj=req,
+    _audit(
+        req,
+        "request.created",
+        requester,
         after={
             "status": req.status,
-            "model": model_version.registered_model.name,
             "version": model_version.version,
-            "environment": environment.name,
             "endpoint": endpoint.name,
             "strategy": strategy,
+            "previous_request": previous_request.pk if previous_request else None,
         },
     )
+    transaction.on_commit(lambda: tasks.run_gates.delay(req.pk))
     return req
 
 
-def _check_reviewer(req: DeploymentRequest, reviewer: User) -> None:
-    if req.requester_id == reviewer.pk:
-        raise SeparationOfDutiesError("You requested this deployment, so you cannot review it.")
-    if not can_review(reviewer):
-        raise PermissionDenied("Only reviewers can approve or reject deployment requests.")
+def deployment_request_resubmit(*, request_id: int, requester: User, justification: str) -> DeploymentRequest:
+    """Ask again after a rejection (or failed gates, expiry, cancellation, failure): a new
+    request for the same version and environment, linked to the old one.
+
+    Raises: PermissionDenied (not the original requester), InvalidTransition (the old request
+    is still open or went live), and what :func:`deployment_request_create` raises.
+    """
+    old = DeploymentRequest.objects.select_related("model_version__registered_model__team", "endpoint__environment").get(pk=request_id)
+    if old.requester_id != requester.pk:
+        raise PermissionDenied("Only the original requester can ask again.")
+    if old.status not in DeploymentRequest.RESUBMITTABLE:
+        raise InvalidTransition(f"Request #{old.pk} is {old.get_status_display().lower()}; there is nothing to ask again.")
+    return deployment_request_create(
+        requester=requester,
+        model_version=old.model_version,
+        environment=old.endpoint.environment,
+        strategy=old.strategy,
+        justification=justification,
+        previous_request=old,
+    )
+
+
+# --- Gates ------------------------------------------------------------------------------------
+
+
+def deployment_request_run_gates(*, request_id: int) -> DeploymentRequest:
+    """Run the environment's gates on a pending request and record the evidence, bound to the
+    artifact digest; the request then awaits review or has failed its gates.
+
+    Idempotent: a request that is no longer pending is returned unchanged.
+    """
+    req = DeploymentRequest.objects.select_related(
+        "model_version__registered_model", "endpoint__environment"
+    ).get(pk=request_id)
+    if req.status != Status.PENDING_GATES:
+        return req
+    env = req.endpoint.environment
+    champion = champion_of(req.endpoint)
+    if champion is not None and champion.pk == req.model_version_id:
+        champion = None  # re-deploying the live version: nothing to compare with
+    try:
+        run = gates.run_gates(req.model_version, champion, gates=env.gates, metric_tolerance=env.metric_tolerance)
+        outcomes, digest = run.outcomes, run.artifact_digest
+    except mlflow_client.RegistryError as exc:
+        outcomes = [gates.GateOutcome("artifacts_readable", False, str(exc)[:500])]
+        digest = ""
+    return _record_gates(request_id, outcomes, digest)
 
 
 @transaction.atomic
+def _record_gates(request_id: int, outcomes: list[gates.GateOutcome], digest: str) -> DeploymentRequest:
+    req = _locked_request(request_id)
+    if req.status != Status.PENDING_GATES:
+        return req
+    GateResult.objects.filter(request=req).delete()
+    GateResult.objects.bulk_create(
+        GateResult(request=req, name=o.name, passed=o.passed, summary=o.summary[:1000], details=o.details, artifact_digest=digest, seconds=o.seconds)
+        for o in outcomes
+    )
+    failed = [o.name for o in outcomes if not o.passed]
+    req.artifact_digest = digest
+    req.save(update_fields=["artifact_digest"])
+    if failed:
+        old = _transition(req, Status.GATES_FAILED, reason=f"failed gates: {', '.join(failed)}")
+        action, event = "request.gates_failed", "gates_failed"
+    else:
+        old = _transition(req, Status.AWAITING_REVIEW)
+        action, event = "request.gates_passed", "awaiting_review"
+    _audit(req, action, None, before={"status": old}, after={"status": req.status, "artifact_digest": digest, "gates": {o.name: o.passed for o in outcomes}})
+    _notify(req.pk, event)
+    return req
+
+
+# --- Reviews ----------------------------------------------------------------------------------
+
+
+def approver_group_name(environment: Environment) -> str:
+    return environment.approver_group.name if environment.approver_group_id else REVIEWERS
+
+
+def _check_reviewer(req: DeploymentRequest, reviewer: User) -> None:
+    """Separation of duties first (whatever the reviewer's groups or staff status), then the
+    environment's approver group."""
+    if req.requester_id == reviewer.pk:
+        raise SeparationOfDutiesError("You requested this deployment, so you cannot review it.")
+    group = approver_group_name(req.endpoint.environment)
+    if not reviewer.is_authenticated or not reviewer.groups.filter(name=group).exists():
+        raise PermissionDenied(f"Only members of {group!r} can review {req.endpoint.environment.name} releases.")
+
+
+def _check_not_reviewed(req: DeploymentRequest, reviewer: User) -> None:
+    if req.reviews.filter(reviewer=reviewer).exists():
+        raise Conflict(f"You have already reviewed request #{req.pk}; one person counts once.")
+
+
 def deployment_request_approve(*, request_id: int, reviewer: User, comment: str = "") -> DeploymentRequest:
-    """Approve a request and, once the transaction commits, launch its deployment.
+    """Record an approval; the N-th distinct approval (N from the environment's policy) approves
+    the request and, once the transaction commits, launches its deployment.
+
+    The artifact digest is recomputed first (outside the transaction): an approval of artifacts
+    that changed after the gates ran is refused.
 
     Raises:
         DeploymentRequest.DoesNotExist: no such request.
         SeparationOfDutiesError / PermissionDenied: the reviewer may not review it (403).
-        InvalidTransition: the request is no longer awaiting review (409).
+        InvalidTransition: the request is not awaiting review (409).
+        Conflict: already reviewed by this person, artifacts changed, or a freeze window (409).
+        mlflow_client.RegistryError: the artifacts cannot be read to check the digest.
     """
+    req = DeploymentRequest.objects.select_related("model_version__registered_model", "endpoint__environment").get(pk=request_id)
+    _check_reviewer(req, reviewer)  # refuse early, before reading artifacts
+    current_digest = mlflow_client.artifact_digest(req.model_version.registered_model.name, req.model_version.version)
+    return _approve(request_id, reviewer, comment, current_digest)
+
+
+@transaction.atomic
+def _approve(request_id: int, reviewer: User, comment: str, current_digest: str) -> DeploymentRequest:
     from rollouts import tasks
 
     req = _locked_request(request_id)
     _check_reviewer(req, reviewer)
-    old = _transition(req, Status.APPROVED)
+    if req.status != Status.AWAITING_REVIEW:
+        raise InvalidTransition(
+            f"Request #{req.pk} is {req.get_status_display().lower()}; only a request awaiting "
+            "review can be approved."
+        )
+    _check_not_reviewed(req, reviewer)
+    if current_digest != req.artifact_digest:
+        raise ArtifactChanged(
+            f"The artifacts of {req.model_version} changed after its gates ran "
+            f"(sha256 {req.artifact_digest[:12]}… then, {current_digest[:12]}… now); ask again to re-run the gates."
+        )
+    env = req.endpoint.environment
+    approvals = req.reviews.filter(decision=Review.Decision.APPROVE).count() + 1
+    final = approvals >= env.required_approvals
+    if final:
+        freeze = env.active_freeze(timezone.now())
+        if freeze is not None and not req.freeze_override_reason:
+            raise Conflict(
+                f"{env.name} is frozen until {freeze.ends_at:%Y-%m-%d %H:%M} UTC ({freeze.reason}); "
+                "a platform admin can override the freeze for this request."
+            )
     Review.objects.create(request=req, reviewer=reviewer, decision=Review.Decision.APPROVE, comment=comment)
-    audit_record(
-        actor=reviewer,
-        action="request.approved",
-        obj=req,
-        before={"status": old},
-        after={"status": req.status, "comment": comment},
-    )
+    if not final:
+        _audit(req, "request.approval_recorded", reviewer, after={"approvals": approvals, "required": env.required_approvals, "comment": comment})
+        return req
+    old = _transition(req, Status.APPROVED)
+    _audit(req, "request.approved", reviewer, before={"status": old}, after={"status": req.status, "approvals": approvals, "comment": comment})
+    _notify(req.pk, "approved")
     transaction.on_commit(lambda: tasks.execute_deployment.delay(req.pk))
     return req
 
 
 @transaction.atomic
 def deployment_request_reject(*, request_id: int, reviewer: User, comment: str) -> DeploymentRequest:
-    """Reject a request; a comment is required so the requester learns why.
+    """Reject a request; a comment is required so the requester learns why. One rejection from
+    an eligible reviewer is enough.
 
-    Raises: as :func:`deployment_request_approve`, and ValidationError without a comment.
+    Raises: as :func:`deployment_request_approve` (but reads no artifacts), and ValidationError
+    without a comment.
     """
     if not comment.strip():
         raise ValidationError({"comment": "Say why the request is rejected."})
     req = _locked_request(request_id)
     _check_reviewer(req, reviewer)
+    if req.status == Status.AWAITING_REVIEW:
+        _check_not_reviewed(req, reviewer)
     old = _transition(req, Status.REJECTED, reason=comment.strip())
     Review.objects.create(request=req, reviewer=reviewer, decision=Review.Decision.REJECT, comment=comment)
-    audit_record(
-        actor=reviewer,
-        action="request.rejected",
-        obj=req,
-        before={"status": old},
-        after={"status": req.status, "comment": comment},
-    )
+    _audit(req, "request.rejected", reviewer, before={"status": old}, after={"status": req.status, "comment": comment})
+    _notify(req.pk, "rejected")
     return req
 
 
@@ -227,8 +400,102 @@ def deployment_request_cancel(*, request_id: int, actor: User) -> DeploymentRequ
     if req.requester_id != actor.pk:
         raise PermissionDenied("Only the requester can cancel a request.")
     old = _transition(req, Status.CANCELLED, reason=f"cancelled by {actor.get_username()}")
-    audit_record(actor=actor, action="request.cancelled", obj=req, before={"status": old}, after={"status": req.status})
+    _audit(req, "request.cancelled", actor, before={"status": old}, after={"status": req.status})
     return req
+
+
+@transaction.atomic
+def deployment_request_comment(*, request_id: int, author: User, body: str) -> Comment:
+    """Add a comment to a request's discussion. Raises ValidationError for an empty body."""
+    if not body.strip():
+        raise ValidationError({"body": "Write something."})
+    req = _locked_request(request_id)
+    comment = Comment.objects.create(request=req, author=author, body=body.strip()[:4000])
+    _audit(req, "request.commented", author, after={"comment": comment.body})
+    return comment
+
+
+@transaction.atomic
+def deployment_request_override_freeze(*, request_id: int, actor: User, reason: str) -> DeploymentRequest:
+    """A platform admin lets this request be released during a freeze window, with a reason.
+
+    Raises: PermissionDenied (not a platform admin), ValidationError (no reason),
+    InvalidTransition (the request is already decided).
+    """
+    if not is_platform_admin(actor):
+        raise PermissionDenied("Only platform admins can override a freeze window.")
+    if not reason.strip():
+        raise ValidationError({"reason": "Say why this release cannot wait for the freeze to end."})
+    req = _locked_request(request_id)
+    if req.status not in DeploymentRequest.UNDECIDED:
+        raise InvalidTransition(f"Request #{req.pk} is {req.get_status_display().lower()}; a freeze override no longer applies.")
+    req.freeze_override_reason, req.freeze_override_by = reason.strip(), actor
+    req.save(update_fields=["freeze_override_reason", "freeze_override_by", "updated_at"])
+    _audit(req, "request.freeze_overridden", actor, after={"reason": req.freeze_override_reason})
+    return req
+
+
+def deployment_requests_expire(*, now: datetime | None = None) -> list[int]:
+    """Expire every undecided request whose ``expires_at`` has passed; returns their ids."""
+    now = now or timezone.now()
+    expired = []
+    due = DeploymentRequest.objects.filter(status__in=DeploymentRequest.UNDECIDED, expires_at__lte=now)
+    for request_id in due.values_list("pk", flat=True):
+        with transaction.atomic():
+            req = _locked_request(request_id)
+            if req.status not in DeploymentRequest.UNDECIDED:
+                continue  # decided meanwhile
+            old = _transition(req, Status.EXPIRED, reason=f"not decided by {req.expires_at:%Y-%m-%d %H:%M} UTC")
+            _audit(req, "request.expired", None, before={"status": old}, after={"status": req.status})
+            _notify(req.pk, "expired")
+            expired.append(request_id)
+    return expired
+
+
+@transaction.atomic
+def environment_policy_update(*, environment_id: int, actor: User, changes: dict[str, object]) -> Environment:
+    """Change an environment's approval policy (fields of ``Environment.POLICY_FIELDS``), with
+    one audit event holding the policy before and after.
+
+    Raises: PermissionDenied (not a platform admin), ValidationError (unknown field, unknown
+    gate, value out of range, a promotion path that loops).
+    """
+    if not is_platform_admin(actor):
+        raise PermissionDenied("Only platform admins can change approval policies.")
+    env = Environment.objects.select_for_update().get(pk=environment_id)
+    unknown = sorted(set(changes) - set(Environment.POLICY_FIELDS))
+    if unknown:
+        raise ValidationError({field: "Not a policy field." for field in unknown})
+    before = env.policy()
+    for field, value in changes.items():
+        setattr(env, field, value)
+    bad_gates = sorted(set(env.gates) - set(gates.ALL_GATES)) if isinstance(env.gates, list) else ["(not a list)"]
+    if bad_gates:
+        raise ValidationError({"gates": f"Unknown gate(s): {', '.join(bad_gates)}; known: {', '.join(gates.ALL_GATES)}."})
+    seen, step = {env.pk}, env.requires_live_in
+    while step is not None:
+        if step.pk in seen:
+            raise ValidationError({"requires_live_in": "The promotion path would loop."})
+        seen.add(step.pk)
+        step = step.requires_live_in
+    env.full_clean()
+    env.save()
+    audit_record(actor=actor, action="environment.policy_changed", obj=env, environment=env.name, before=before, after=env.policy())
+    return env
+
+
+@transaction.atomic
+def freeze_window_create(*, environment: Environment, actor: User, starts_at: datetime, ends_at: datetime, reason: str) -> FreezeWindow:
+    """Raises PermissionDenied (not a platform admin), ValidationError (empty reason, ends first)."""
+    if not is_platform_admin(actor):
+        raise PermissionDenied("Only platform admins can schedule freeze windows.")
+    if not reason.strip():
+        raise ValidationError({"reason": "Say why releases are frozen."})
+    if ends_at <= starts_at:
+        raise ValidationError({"ends_at": "The freeze must end after it starts."})
+    window = FreezeWindow.objects.create(environment=environment, starts_at=starts_at, ends_at=ends_at, reason=reason.strip())
+    audit_record(actor=actor, action="environment.freeze_scheduled", obj=window, environment=environment.name, after={"starts_at": starts_at.isoformat(), "ends_at": ends_at.isoformat(), "reason": window.reason})
+    return window
 
 
 # --- Deployment execution (called by the Celery task) ----------------------------------------
@@ -249,6 +516,11 @@ def deployment_execute(*, request_id: int) -> DeploymentRequest:
     if req.status == Status.DEPLOYING:
         try:
             digest = _smoke_test(req.model_version)
+            if req.artifact_digest and digest != req.artifact_digest:
+                raise RuntimeError(
+                    f"the artifacts changed after approval (gates checked sha256 "
+                    f"{req.artifact_digest[:12]}…, found {digest[:12]}…)"
+                )
         except Exception as exc:  # any failure of a model we were asked to launch is its failure
             logger.warning("deployment of request #%s failed: %s", req.pk, exc)
             return _deployment_fail(req.pk, reason=str(exc)[:2000])
@@ -263,7 +535,7 @@ def _deployment_begin(request_id: int) -> tuple[DeploymentRequest, Deployment | 
     req = _locked_request(request_id)
     if req.status == Status.APPROVED:
         old = _transition(req, Status.DEPLOYING)
-        audit_record(actor=None, action="deployment.started", obj=req, before={"status": old}, after={"status": req.status})
+        _audit(req, "deployment.started", None, before={"status": old}, after={"status": req.status})
     if req.status not in (Status.DEPLOYING, Status.LIVE):
         return req, None
     deployment, _ = Deployment.objects.get_or_create(
@@ -307,7 +579,8 @@ def _deployment_fail(request_id: int, *, reason: str) -> DeploymentRequest:
         return req
     old = _transition(req, Status.FAILED, reason=reason)
     Deployment.objects.filter(request=req).update(status=Deployment.Status.FAILED, failure_reason=reason, traffic_weight=0)
-    audit_record(actor=None, action="deployment.failed", obj=req, before={"status": old}, after={"status": req.status, "reason": reason})
+    _audit(req, "deployment.failed", None, before={"status": old}, after={"status": req.status, "reason": reason})
+    _notify(req.pk, "failed")
     return req
 
 
@@ -333,24 +606,89 @@ def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
         old_req = _locked_request(previous.request_id)
         if old_req.status == Status.LIVE:
             _transition(old_req, Status.SUPERSEDED, reason=f"replaced by request #{req.pk}")
-            audit_record(actor=None, action="request.superseded", obj=old_req, before={"status": Status.LIVE}, after={"status": old_req.status})
+            _audit(old_req, "request.superseded", None, before={"status": Status.LIVE}, after={"status": old_req.status})
     Deployment.objects.filter(request=req).update(
         status=Deployment.Status.LIVE, traffic_weight=100, artifact_digest=digest, live_at=now
     )
     old = _transition(req, Status.LIVE)
-    audit_record(actor=None, action="deployment.live", obj=req, before={"status": old}, after={"status": req.status, "artifact_digest": digest})
-    audit_record(actor=None, action="traffic.changed", obj=endpoint, before={"traffic": before}, after={"traffic": _traffic(endpoint)})
+    _audit(req, "deployment.live", None, before={"status": old}, after={"status": req.status, "artifact_digest": digest})
+    _audit_traffic(endpoint, None, before)
+    _notify(req.pk, "live")
     return req
 
 
-def _sync_alias(req: DeploymentRequest) -> None:
+def _audit_traffic(endpoint: Endpoint, actor: User | None, before: dict[str, int]) -> None:
+    audit_record(
+        actor=actor,
+        action="traffic.changed",
+        obj=endpoint,
+        registered_model=endpoint.registered_model.name,
+        environment=endpoint.environment.name,
+        before={"traffic": before},
+        after={"traffic": _traffic(endpoint)},
+    )
+
+
+def deployment_rollback(*, endpoint_id: int, actor: User, reason: str) -> DeploymentRequest:
+    """Take the endpoint back to the release before its live one: the live request becomes
+    rolled back, the one it had superseded is live again with 100% of traffic, and the
+    environment's MLflow alias follows.
+
+    Raises:
+        PermissionDenied: not a reviewer or platform admin.
+        ValidationError: no reason given.
+        Conflict: nothing live, or no earlier release to go back to.
+        mlflow_client.RegistryError: moving the alias failed (traffic has moved already).
+    """
+    restored = _rollback(endpoint_id, actor, reason)
+    _sync_alias(restored, actor=actor)
+    return restored
+
+
+@transaction.atomic
+def _rollback(endpoint_id: int, actor: User, reason: str) -> DeploymentRequest:
+    if not (can_review(actor) or is_platform_admin(actor)):
+        raise PermissionDenied("Only reviewers and platform admins can roll back.")
+    if not reason.strip():
+        raise ValidationError({"reason": "Say why the release is rolled back."})
+    endpoint = Endpoint.objects.select_for_update().select_related("environment", "registered_model").get(pk=endpoint_id)
+    live = endpoint.deployments.select_for_update().filter(status=Deployment.Status.LIVE).order_by("-live_at").first()
+    if live is None:
+        raise Conflict(f"Nothing is live on {endpoint.name}.")
+    previous = (
+        endpoint.deployments.select_for_update()
+        .filter(status=Deployment.Status.RETIRED, request__status=Status.SUPERSEDED)
+        .exclude(model_version=live.model_version)
+        .order_by("-retired_at")
+        .first()
+    )
+    if previous is None:
+        raise Conflict(f"{endpoint.name} has no earlier release to roll back to.")
+    before = _traffic(endpoint)
+    now = timezone.now()
+    live.status, live.traffic_weight, live.retired_at = Deployment.Status.RETIRED, 0, now
+    live.save(update_fields=["status", "traffic_weight", "retired_at"])
+    previous.status, previous.traffic_weight, previous.retired_at = Deployment.Status.LIVE, 100, None
+    previous.save(update_fields=["status", "traffic_weight", "retired_at"])
+    rolled = _locked_request(live.request_id)
+    old = _transition(rolled, Status.ROLLED_BACK, reason=reason.strip())
+    _audit(rolled, "deployment.rolled_back", actor, before={"status": old}, after={"status": rolled.status, "reason": reason.strip()})
+    restored = _locked_request(previous.request_id)
+    old = _transition(restored, Status.LIVE, reason=f"restored by rolling back request #{rolled.pk}")
+    _audit(restored, "deployment.restored", actor, before={"status": old}, after={"status": restored.status})
+    _audit_traffic(endpoint, actor, before)
+    _notify(rolled.pk, "rolled_back")
+    return restored
+
+
+def _sync_alias(req: DeploymentRequest, actor: User | None = None) -> None:
     """Point the environment's MLflow alias at the live version, unless a newer deployment
     has replaced this one meanwhile."""
     live = Deployment.objects.filter(endpoint=req.endpoint, status=Deployment.Status.LIVE, request=req).exists()
     alias = req.endpoint.environment.name
     mv = req.model_version
     if live and mv.registered_model.aliases.get(alias) != mv.version:
-        registry_set_alias(model_version=mv, alias=alias, actor=None)
+        registry_set_alias(model_version=mv, alias=alias, actor=actor)
 
 
 # --- API keys ----------------------------------------------------------------------------------

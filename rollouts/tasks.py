@@ -7,10 +7,20 @@ import logging
 from celery import shared_task
 
 from registry.mlflow_client import RegistryError
-from rollouts import services
+from rollouts import notifications, services
 from rollouts.models import DeploymentRequest
 
 logger = logging.getLogger(__name__)
+
+
+@shared_task(acks_late=True)
+def run_gates(request_id: int) -> str | None:
+    """Run the automated gates of a pending request; returns its status afterwards."""
+    try:
+        return services.deployment_request_run_gates(request_id=request_id).status
+    except DeploymentRequest.DoesNotExist:
+        logger.warning("run_gates: request #%s does not exist; nothing to do", request_id)
+        return None
 
 
 @shared_task(autoretry_for=(RegistryError,), retry_backoff=2, max_retries=5, acks_late=True)
@@ -22,3 +32,15 @@ def execute_deployment(request_id: int) -> str | None:
         logger.warning("execute_deployment: request #%s does not exist; nothing to do", request_id)
         return None
     return req.status
+
+
+@shared_task
+def expire_requests() -> int:
+    """Periodic (Celery beat): expire requests not decided within their environment's limit."""
+    return len(services.deployment_requests_expire())
+
+
+@shared_task(autoretry_for=(OSError,), retry_backoff=10, max_retries=3)
+def send_request_notification(request_id: int, event: str) -> int:
+    """E-mail the people an event concerns; returns how many messages were sent."""
+    return notifications.send(request_id=request_id, event=event)

@@ -12,5 +12,13 @@ urlpatterns = [
     path("requests/<int:request_id>/approve", views.request_approve, name="request_approve"),
     path("requests/<int:request_id>/reject", views.request_reject, name="request_reject"),
     path("requests/<int:request_id>/cancel", views.request_cancel, name="request_cancel"),
+    path("requests/<int:request_id>/comment", views.request_comment, name="request_comment"),
+    path(
+        "requests/<int:request_id>/override-freeze",
+        views.request_override_freeze,
+        name="request_override_freeze",
+    ),
     path("endpoints/", views.endpoint_list, name="endpoints"),
+    path("endpoints/<slug:name>/timeline", views.endpoint_timeline, name="endpoint_timeline"),
+    path("endpoints/<slug:name>/rollback", views.endpoint_rollback, name="endpoint_rollback"),
 ]

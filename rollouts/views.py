@@ -3,16 +3,20 @@ from __future__ import annotations
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
-from portal.roles import can_request_deployment, can_review
+from portal.errors import Conflict
+from portal.roles import can_request_deployment, can_review, is_platform_admin
 from registry import selectors as registry_selectors
+from registry.compare import metric_rows, signature_diff
+from registry.mlflow_client import RegistryError
 from registry.models import ModelVersion
 from rollouts import selectors, services
 from rollouts.forms import DeploymentRequestForm, ReviewForm
-from rollouts.models import Deployment, DeploymentRequest
+from rollouts.models import Deployment, DeploymentRequest, Review
 
 
 def _visible_request(request: HttpRequest, request_id: int) -> DeploymentRequest:
@@ -47,29 +51,44 @@ def request_create(request: HttpRequest, name: str, version: int) -> HttpRespons
     if not can_request_deployment(request.user):
         raise PermissionDenied("Only data scientists can request deployments.")
     try:
-        mv: ModelVersion = registry_selectors.model_version_get(name=name, version=version)
+        mv: ModelVersion = registry_selectors.model_version_get(request.user, name=name, version=version)
     except ModelVersion.DoesNotExist:
         raise Http404(f"{name} has no version {version}.") from None
-    form = DeploymentRequestForm(request.POST or None)
+    previous = None
+    if previous_id := request.GET.get("again") or request.POST.get("again"):
+        if not (previous_id.isascii() and previous_id.isdigit()):
+            return HttpResponseBadRequest("again must be the number of the request to ask again.")
+        previous = selectors.deployment_requests_visible_to(request.user).filter(pk=previous_id).first()
+    initial = {"environment": previous.endpoint.environment_id, "justification": previous.justification} if previous else {}
+    form = DeploymentRequestForm(request.POST or None, initial=initial)
     status = 200
     if request.method == "POST":
+        status = 400
         if form.is_valid():
             try:
-                req = services.deployment_request_create(
-                    requester=request.user,
-                    model_version=mv,
-                    environment=form.cleaned_data["environment"],
-                    strategy=form.cleaned_data["strategy"],
-                    justification=form.cleaned_data["justification"],
-                )
+                if previous is not None:
+                    req = services.deployment_request_resubmit(
+                        request_id=previous.pk, requester=request.user, justification=form.cleaned_data["justification"]
+                    )
+                else:
+                    req = services.deployment_request_create(
+                        requester=request.user,
+                        model_version=mv,
+                        environment=form.cleaned_data["environment"],
+                        strategy=form.cleaned_data["strategy"],
+                        justification=form.cleaned_data["justification"],
+                    )
             except ValidationError as exc:
                 for field, errors in exc.message_dict.items():
                     form.add_error(field if field in form.fields else None, errors)
+            except Conflict as exc:
+                # Asking again while the old request is still open: a state conflict, not bad input.
+                form.add_error(None, str(exc))
+                status = 409
             else:
-                messages.success(request, f"Request #{req.pk} sent to reviewers.")
+                messages.success(request, f"Request #{req.pk} created; its automated gates are running.")
                 return redirect(req)
-        status = 400
-    return render(request, "rollouts/request_form.html", {"form": form, "mv": mv}, status=status)
+    return render(request, "rollouts/request_form.html", {"form": form, "mv": mv, "previous": previous}, status=status)
 
 
 @login_required
@@ -80,61 +99,142 @@ def request_detail(request: HttpRequest, request_id: int) -> HttpResponse:
 
 
 def _detail_context(request: HttpRequest, req: DeploymentRequest, **extra) -> dict:
+    env = req.endpoint.environment
+    champion = services.champion_of(req.endpoint)
+    if champion is not None and champion.pk == req.model_version_id:
+        champion = None
+    reviews = list(req.reviews.all())
+    approvals = sum(r.decision == Review.Decision.APPROVE for r in reviews)
+    user = request.user
+    in_approver_group = user.groups.filter(name=services.approver_group_name(env)).exists()
+    now = timezone.now()
     return {
         "req": req,
         "deployment": Deployment.objects.filter(request=req).first(),
         "review_form": ReviewForm(),
+        "gate_results": list(req.gate_results.all()),
+        "champion": champion,
+        "metrics": metric_rows(req.model_version.metrics, champion.metrics if champion else None),
+        "diff": signature_diff(champion.signature, req.model_version.signature) if champion else None,
+        "approvals": approvals,
+        "required_approvals": env.required_approvals,
+        "approver_group": services.approver_group_name(env),
+        "freeze": env.active_freeze(now),
         "can_decide": (
             req.status == DeploymentRequest.Status.AWAITING_REVIEW
-            and can_review(request.user)
-            and req.requester_id != request.user.pk
+            and in_approver_group
+            and req.requester_id != user.pk
+            and not any(r.reviewer_id == user.pk for r in reviews)
         ),
-        "can_cancel": req.requester_id == request.user.pk
+        "can_cancel": req.requester_id == user.pk
         and DeploymentRequest.Status.CANCELLED in DeploymentRequest.TRANSITIONS[req.status],
+        "can_resubmit": req.requester_id == user.pk and req.status in DeploymentRequest.RESUBMITTABLE,
+        "can_override_freeze": is_platform_admin(user) and req.status in DeploymentRequest.UNDECIDED,
         **extra,
     }
 
 
-def _decide(request: HttpRequest, request_id: int, action: str) -> HttpResponse:
+def _act(request: HttpRequest, request_id: int, action) -> HttpResponse:
+    """Run one service call for the request; domain errors become a 4xx page that says why."""
     req = _visible_request(request, request_id)
-    form = ReviewForm(request.POST)
-    comment = form.data.get("comment", "")[:4000]
     try:
-        if action == "approve":
-            services.deployment_request_approve(request_id=req.pk, reviewer=request.user, comment=comment)
-            messages.success(request, f"Request #{req.pk} approved; the deployment starts now.")
-        elif action == "reject":
-            services.deployment_request_reject(request_id=req.pk, reviewer=request.user, comment=comment)
-            messages.success(request, f"Request #{req.pk} rejected.")
-        else:
-            services.deployment_request_cancel(request_id=req.pk, actor=request.user)
-            messages.success(request, f"Request #{req.pk} cancelled.")
-    except services.InvalidTransition as exc:
-        req.refresh_from_db()
-        return render(request, "rollouts/request_detail.html", _detail_context(request, req, error=str(exc)), status=409)
+        message = action(req)
+    except Conflict as exc:
+        status, error = 409, str(exc)
     except ValidationError as exc:
-        return render(request, "rollouts/request_detail.html", _detail_context(request, req, error=" ".join(exc.messages)), status=400)
-    return redirect(req)
+        status, error = 400, " ".join(exc.messages)
+    except RegistryError as exc:
+        status, error = 503, f"MLflow cannot be reached to check the artifacts: {exc}"
+    else:
+        messages.success(request, message)
+        return redirect(req)
+    req = _visible_request(request, request_id)
+    return render(request, "rollouts/request_detail.html", _detail_context(request, req, error=error), status=status)
+
+
+def _text(request: HttpRequest, field: str) -> str:
+    return request.POST.get(field, "")[:4000]
 
 
 @login_required
 @require_POST
 def request_approve(request: HttpRequest, request_id: int) -> HttpResponse:
-    return _decide(request, request_id, "approve")
+    def approve(req):
+        services.deployment_request_approve(request_id=req.pk, reviewer=request.user, comment=_text(request, "comment"))
+        return f"Approval of request #{req.pk} recorded."
+
+    return _act(request, request_id, approve)
 
 
 @login_required
 @require_POST
 def request_reject(request: HttpRequest, request_id: int) -> HttpResponse:
-    return _decide(request, request_id, "reject")
+    def reject(req):
+        services.deployment_request_reject(request_id=req.pk, reviewer=request.user, comment=_text(request, "comment"))
+        return f"Request #{req.pk} rejected."
+
+    return _act(request, request_id, reject)
 
 
 @login_required
 @require_POST
 def request_cancel(request: HttpRequest, request_id: int) -> HttpResponse:
-    return _decide(request, request_id, "cancel")
+    def cancel(req):
+        services.deployment_request_cancel(request_id=req.pk, actor=request.user)
+        return f"Request #{req.pk} cancelled."
+
+    return _act(request, request_id, cancel)
+
+
+@login_required
+@require_POST
+def request_comment(request: HttpRequest, request_id: int) -> HttpResponse:
+    def comment(req):
+        services.deployment_request_comment(request_id=req.pk, author=request.user, body=_text(request, "body"))
+        return "Comment added."
+
+    return _act(request, request_id, comment)
+
+
+@login_required
+@require_POST
+def request_override_freeze(request: HttpRequest, request_id: int) -> HttpResponse:
+    def override(req):
+        services.deployment_request_override_freeze(request_id=req.pk, actor=request.user, reason=_text(request, "reason"))
+        return f"Request #{req.pk} may be released during the freeze."
+
+    return _act(request, request_id, override)
 
 
 @login_required
 def endpoint_list(request: HttpRequest) -> HttpResponse:
-    return render(request, "rollouts/endpoint_list.html", {"rows": selectors.endpoints_with_live_versions()})
+    return render(request, "rollouts/endpoint_list.html", {"rows": selectors.endpoints_with_live_versions(request.user)})
+
+
+@login_required
+def endpoint_timeline(request: HttpRequest, name: str) -> HttpResponse:
+    endpoint = get_object_or_404(selectors.endpoints_visible_to(request.user), name=name)
+    return render(
+        request,
+        "rollouts/endpoint_timeline.html",
+        {"endpoint": endpoint, "timeline": list(reversed(selectors.traffic_timeline(endpoint))), "can_roll_back": can_review(request.user) or is_platform_admin(request.user)},
+    )
+
+
+@login_required
+@require_POST
+def endpoint_rollback(request: HttpRequest, name: str) -> HttpResponse:
+    endpoint = get_object_or_404(selectors.endpoints_visible_to(request.user), name=name)
+    try:
+        restored = services.deployment_rollback(endpoint_id=endpoint.pk, actor=request.user, reason=_text(request, "reason"))
+    except (Conflict, ValidationError, RegistryError) as exc:
+        status = 409 if isinstance(exc, Conflict) else 400 if isinstance(exc, ValidationError) else 503
+        error = " ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
+        return render(
+            request,
+            "rollouts/endpoint_timeline.html",
+            {"endpoint": endpoint, "timeline": list(reversed(selectors.traffic_timeline(endpoint))), "can_roll_back": True, "error": error},
+            status=status,
+        )
+    messages.success(request, f"{endpoint.name} rolled back to {restored.model_version}.")
+    return redirect("rollouts:endpoint_timeline", name=endpoint.name)

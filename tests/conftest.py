@@ -17,10 +17,18 @@ from django.db import connection
 from django.test import override_settings
 
 from portal import celery_app
+from portal.models import Team
 from tests.factories import UserFactory
 
 REGISTERED_MODEL = "breast-cancer-classifier"
+TEAM = "diagnostics"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    """Personas get passwords; the production hasher costs ~0.5 s per user."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture(autouse=True)
@@ -35,13 +43,29 @@ def _celery_eager():
 
 
 @pytest.fixture
-def data_scientist(db):
-    return UserFactory(username="alice", roles=["data scientists"])
+def team(db):
+    """The team that owns ``breast-cancer-classifier`` (its MLflow tag ``team``)."""
+    return Team.objects.get_or_create(slug=TEAM, defaults={"name": "Diagnostics"})[0]
 
 
 @pytest.fixture
-def other_data_scientist(db):
-    return UserFactory(username="erin", roles=["data scientists"])
+def other_team(db):
+    return Team.objects.get_or_create(slug="research", defaults={"name": "Research"})[0]
+
+
+@pytest.fixture
+def data_scientist(team):
+    user = UserFactory(username="alice", roles=["data scientists"])
+    team.members.add(user)
+    return user
+
+
+@pytest.fixture
+def other_data_scientist(other_team):
+    """A data scientist of another team: sees none of ``team``'s models or requests."""
+    user = UserFactory(username="erin", roles=["data scientists"])
+    other_team.members.add(user)
+    return user
 
 
 @pytest.fixture
@@ -94,11 +118,18 @@ def mlflow_store(tmp_path_factory):
 
 
 @pytest.fixture
-def synced(db, mlflow_store):
-    """The registry mirrored from the MLflow store: returns (v1, v2) ModelVersion rows."""
+def synced(db, mlflow_store, team):
+    """The registry mirrored from the MLflow store (owned by ``team``): returns (v1, v2)."""
+    import mlflow
+
     from registry.models import ModelVersion
     from registry.services import registry_sync
 
+    # The MLflow store lives for the whole session: aliases set by one test's deployments
+    # must not leak into the next test's mirror.
+    client = mlflow.MlflowClient(mlflow_store["tracking_uri"])
+    for alias in client.get_registered_model(REGISTERED_MODEL).aliases:
+        client.delete_registered_model_alias(REGISTERED_MODEL, alias)
     registry_sync()
     versions = ModelVersion.objects.filter(registered_model__name=REGISTERED_MODEL).order_by("version")
     return tuple(versions)
@@ -169,3 +200,51 @@ def real_worker(celery_worker_process, transactional_db):
     celery_app.conf.task_always_eager = False
     yield celery_worker_process
     celery_app.conf.task_always_eager = True
+
+
+# --- the workflow, driven through the services ---------------------------------------------
+
+
+@pytest.fixture
+def deploy(django_capture_on_commit_callbacks, data_scientist, reviewer, second_reviewer):
+    """``deploy(model_version, "staging")``: request (data scientist), run the gates, approve
+    with as many distinct reviewers as the environment needs, and run the deployment, all
+    in-process. Returns the request, refreshed."""
+    from rollouts import services
+    from rollouts.models import Environment
+
+    def _deploy(model_version, environment: str = "staging", *, justification: str = "test"):
+        env = Environment.objects.get(name=environment)
+        with django_capture_on_commit_callbacks(execute=True):
+            req = services.deployment_request_create(
+                requester=data_scientist, model_version=model_version, environment=env, justification=justification
+            )
+        req.refresh_from_db()
+        assert req.status == "awaiting_review", (req.status, req.status_reason)
+        for person in (reviewer, second_reviewer)[: env.required_approvals]:
+            with django_capture_on_commit_callbacks(execute=True):
+                services.deployment_request_approve(request_id=req.pk, reviewer=person)
+        req.refresh_from_db()
+        return req
+
+    return _deploy
+
+
+@pytest.fixture
+def awaiting_review(django_capture_on_commit_callbacks, data_scientist):
+    """``awaiting_review(model_version, "staging")``: a request whose gates have passed."""
+    from rollouts import services
+    from rollouts.models import Environment
+
+    def _create(model_version, environment: str = "staging"):
+        with django_capture_on_commit_callbacks(execute=True):
+            req = services.deployment_request_create(
+                requester=data_scientist,
+                model_version=model_version,
+                environment=Environment.objects.get(name=environment),
+                justification="test",
+            )
+        req.refresh_from_db()
+        return req
+
+    return _create

@@ -15,6 +15,7 @@ from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError
 
 from portal.management.commands.replay_traffic import replay
+from portal.models import Team
 from portal.roles import DATA_SCIENTISTS, MANAGERS, PLATFORM_ADMINS, REVIEWERS, ensure_role_groups
 from registry import mlflow_client
 from registry.demo_models import train_and_register
@@ -29,7 +30,10 @@ PERSONAS = {
     "reviewer": ("bob", REVIEWERS),
     "manager": ("carol", MANAGERS),
     "platform_admin": ("dana", PLATFORM_ADMINS),
+    # production needs two distinct approvals, so the demo has a second reviewer
+    "second_reviewer": ("erin", REVIEWERS),
 }
+TEAM = ("Diagnostics", "diagnostics")
 CREDENTIALS = Path(settings.VAR_DIR) / "demo-credentials.json"
 EXAMPLE_REQUEST = Path(settings.VAR_DIR) / "example-request.json"
 
@@ -44,9 +48,11 @@ class Command(BaseCommand):
 
     def handle(self, *args, url: str, replay_rows: int, timeout: float, **options):
         previous = json.loads(CREDENTIALS.read_text()) if CREDENTIALS.exists() else {}
+        users = self._users(previous.get("users", {}))
+        team, _ = Team.objects.get_or_create(slug=TEAM[1], defaults={"name": TEAM[0]})
+        team.members.add(users["data_scientist"][0])
         self._register_models()
         registry_sync()
-        users = self._users(previous.get("users", {}))
         v1 = ModelVersion.objects.get(registered_model__name=REGISTERED_MODEL, version=1)
         staging = Environment.objects.get(name="staging")
         endpoints = [
@@ -106,7 +112,8 @@ class Command(BaseCommand):
         return raw
 
     def _deploy_v1(self, v1: ModelVersion, staging: Environment, users: dict, timeout: float) -> None:
-        """Request (data scientist), approve (reviewer), and wait for the worker to deploy."""
+        """Request (data scientist), wait for the worker to run the gates, approve (reviewer),
+        and wait for the worker to deploy."""
         endpoint = services.endpoint_for(model_version=v1, environment=staging)
         if endpoint.deployments.filter(status=Deployment.Status.LIVE).exists():
             return  # something is live already (v1, or whatever the user deployed since)
@@ -122,14 +129,14 @@ class Command(BaseCommand):
                 environment=staging,
                 justification="Baseline scaled logistic regression for the demo.",
             )
-        if req.status == DeploymentRequest.Status.AWAITING_REVIEW:
-            services.deployment_request_approve(
-                request_id=req.pk, reviewer=users["reviewer"][0], comment="Metrics look right."
-            )
         deadline = time.monotonic() + timeout
         while req.status != DeploymentRequest.Status.LIVE:
-            if req.status == DeploymentRequest.Status.FAILED:
-                raise CommandError(f"deploying {v1} failed: {req.status_reason}")
+            if req.status == DeploymentRequest.Status.AWAITING_REVIEW:
+                services.deployment_request_approve(
+                    request_id=req.pk, reviewer=users["reviewer"][0], comment="Metrics look right."
+                )
+            if req.status in DeploymentRequest.TERMINAL:
+                raise CommandError(f"deploying {v1} ended {req.status}: {req.status_reason}")
             if time.monotonic() > deadline:
                 raise CommandError(f"{v1} not live after {timeout:.0f}s: is the Celery worker running?")
             time.sleep(0.5)
