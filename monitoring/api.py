@@ -66,9 +66,12 @@ class FeedbackApi(ApiView):
         items.is_valid(raise_exception=True)
         validated = items.validated_data if many else [items.validated_data]
         user = request.user
+        if isinstance(user, ApiKeyClient):
+            endpoint_ids = user.endpoint_ids
+        else:  # a persona labels only predictions of the endpoints they may see (team scoping)
+            endpoint_ids = frozenset(endpoints_visible_to(user).values_list("pk", flat=True))
         result = services.feedback_record(
-            items=[services.FeedbackItem(**item) for item in validated],
-            endpoint_ids=user.endpoint_ids if isinstance(user, ApiKeyClient) else None,
+            items=[services.FeedbackItem(**item) for item in validated], endpoint_ids=endpoint_ids
         )
         return Response(self.OutputSerializer(result).data)
 

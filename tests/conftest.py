@@ -106,7 +106,9 @@ def mlflow_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.sqlite'}"
     override = override_settings(
-        MLFLOW_TRACKING_URI=uri, MLFLOW_REGISTRY_URI=uri, MLFLOW_ARTIFACT_ROOT=(root / "artifacts").as_uri()
+        MLFLOW_TRACKING_URI=uri,
+        MLFLOW_REGISTRY_URI=uri,
+        MLFLOW_ARTIFACT_ROOT=(root / "artifacts").as_uri(),
     )
     override.enable()
     try:
@@ -131,8 +133,8 @@ def synced(db, mlflow_store, team):
     for alias in client.get_registered_model(REGISTERED_MODEL).aliases:
         client.delete_registered_model_alias(REGISTERED_MODEL, alias)
     registry_sync()
-    versions = ModelVersion.objects.filter(registered_model__name=REGISTERED_MODEL).order_by("version")
-    return tuple(versions)
+    versions = ModelVersion.objects.filter(registered_model__name=REGISTERED_MODEL)
+    return tuple(versions.order_by("version"))
 
 
 # --- a real Celery worker -----------------------------------------------------------------
@@ -160,9 +162,13 @@ def celery_worker_process(django_db_setup, django_db_blocker, mlflow_store, tmp_
     queue = f"rollgate-test-{os.getpid()}"
     celery_app.conf.broker_url = broker
     celery_app.conf.task_default_queue = queue
-    # An eager .delay() earlier in the session already built the producer pool on the default
-    # broker; drop it so that tasks go to the broker the worker listens on.
-    celery_app.close()
+    # Unit tests that ran earlier (pytest-django runs transactional tests last) sent tasks
+    # eagerly, which opened the producer pool on the default broker and cached the routing to
+    # the default queue: drop both, or the tasks of this session would never reach the worker.
+    if celery_app._pool is not None:
+        celery_app._pool.force_close_all()
+        celery_app._pool = None
+    celery_app.__dict__.pop("amqp", None)
     env = {
         **os.environ,
         "DATABASE_URL": _test_database_url(),
@@ -217,7 +223,10 @@ def deploy(django_capture_on_commit_callbacks, data_scientist, reviewer, second_
         env = Environment.objects.get(name=environment)
         with django_capture_on_commit_callbacks(execute=True):
             req = services.deployment_request_create(
-                requester=data_scientist, model_version=model_version, environment=env, justification=justification
+                requester=data_scientist,
+                model_version=model_version,
+                environment=env,
+                justification=justification,
             )
         req.refresh_from_db()
         assert req.status == "awaiting_review", (req.status, req.status_reason)

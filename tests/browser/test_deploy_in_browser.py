@@ -1,6 +1,6 @@
 """A person's path through the portal in Debian's chromium, driven by Playwright: the data
-scientist requests version 2, the reviewer approves it, and the page shows it live once the real
-Celery worker has deployed it."""
+scientist requests version 2 and watches the real Celery worker run its gates, the reviewer
+approves it, and the page shows it live once the worker has deployed it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from registry.services import registry_sync
+from rollouts.models import Environment
 from tests.conftest import REGISTERED_MODEL
 from tests.factories import PASSWORD
 
@@ -84,7 +85,17 @@ def test_data_scientist_requests_reviewer_approves_and_sees_it_live(
     page.select_option("#id_environment", label="staging")
     page.fill("#id_justification", "Random forest beats the baseline on recall.")
     page.click("text=Send request")
-    page.wait_for_selector("[data-testid=request-status]:has-text('Awaiting review')")
+    # The request opens with its gates pending; the page polls until the worker has run them.
+    # (The worker may be quick enough that the first render already shows the outcome.)
+    status = page.locator("[data-testid=request-status]")
+    assert status.inner_text() in ("Pending gates", "Awaiting review")
+    status.filter(has_text=re.compile("^Awaiting review$")).wait_for(timeout=120_000)
+    page.reload()  # the polled fragment is the status alone; the evidence is on the page
+    gates = page.locator("[data-testid=gates]")
+    assert gates.locator(".badge.live").count() == len(
+        Environment.objects.get(name="staging").gates
+    )
+    assert gates.locator(".badge.failed").count() == 0
     assert page.locator("[data-testid=approve]").count() == 0  # never for one's own request
     request_url = page.url
     page.screenshot(path=str(SCREENSHOTS / "1-requested.png"), full_page=True)

@@ -1,6 +1,7 @@
 """The main job end to end, over real HTTP, with a real MLflow store and a real Celery worker:
-register (MLflow client) -> sync -> request -> approve by a second person -> deploy (worker) ->
-invoke on held-out rows -> post labels -> the portal's accuracy equals scikit-learn's."""
+register (MLflow client) -> sync -> request -> gates (worker) -> approve by a second person ->
+deploy (worker) -> invoke on held-out rows -> post labels -> the portal's accuracy equals
+scikit-learn's."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from sklearn.metrics import accuracy_score
 
 from registry.demo_models import breast_cancer_split
 from registry.models import ModelVersion
-from rollouts.models import Deployment, DeploymentRequest, PredictionLog
+from rollouts.models import Deployment, DeploymentRequest, Environment, GateResult, PredictionLog
 from rollouts.services import api_key_create
 from tests.conftest import REGISTERED_MODEL
 from tests.factories import PASSWORD
@@ -37,7 +38,11 @@ def _login(live_server, user) -> requests.Session:
     session.get(f"{live_server.url}/login/")
     response = session.post(
         f"{live_server.url}/login/",
-        data={"username": user.username, "password": PASSWORD, "csrfmiddlewaretoken": session.cookies["csrftoken"]},
+        data={
+            "username": user.username,
+            "password": PASSWORD,
+            "csrfmiddlewaretoken": session.cookies["csrftoken"],
+        },
         headers={"Referer": f"{live_server.url}/login/"},
     )
     assert response.status_code == 200 and "Log out" in response.text
@@ -77,19 +82,45 @@ def test_register_request_approve_deploy_invoke_feedback(
     ds_api, reviewer_api = _api(live_server, data_scientist), _api(live_server, reviewer)
     created = ds_api.post(
         f"{live_server.url}/api/requests",
-        json={"model": REGISTERED_MODEL, "version": 1, "environment": "staging", "justification": "baseline"},
+        json={
+            "model": REGISTERED_MODEL,
+            "version": 1,
+            "environment": "staging",
+            "justification": "baseline",
+        },
     )
     assert created.status_code == 201, created.text
+    assert created.json()["status"] == "pending_gates"
     request_id = created.json()["id"]
     own = ds_api.post(f"{live_server.url}/api/requests/{request_id}/approve", json={})
     assert own.status_code == 403
 
-    # 3. A second person approves; the real worker deploys.
-    approved = reviewer_api.post(f"{live_server.url}/api/requests/{request_id}/approve", json={"comment": "ok"})
+    # 3. The worker runs the automated gates; the request then awaits review.
+    gated = _wait_for(
+        lambda: (
+            (s := ds_api.get(f"{live_server.url}/api/requests/{request_id}").json())["status"]
+            != "pending_gates"
+            and s
+        ),
+        120,
+        "the worker to run the gates",
+    )
+    assert gated["status"] == "awaiting_review", gated
+    gates = GateResult.objects.filter(request_id=request_id)
+    assert gates.count() == len(Environment.objects.get(name="staging").gates)
+    assert all(g.passed for g in gates)
+
+    # 4. A second person approves; the real worker deploys.
+    approved = reviewer_api.post(
+        f"{live_server.url}/api/requests/{request_id}/approve", json={"comment": "ok"}
+    )
     assert approved.status_code == 200, approved.text
     final = _wait_for(
-        lambda: (s := ds_api.get(f"{live_server.url}/api/requests/{request_id}").json())["status"]
-        not in ("approved", "deploying") and s,
+        lambda: (
+            (s := ds_api.get(f"{live_server.url}/api/requests/{request_id}").json())["status"]
+            not in ("approved", "deploying")
+            and s
+        ),
         120,
         "the deployment to finish",
     )
@@ -98,10 +129,11 @@ def test_register_request_approve_deploy_invoke_feedback(
     deployment = Deployment.objects.get(request_id=request_id)
     assert deployment.status == "live" and deployment.traffic_weight == 100
     assert len(deployment.artifact_digest) == 64
+    assert {g.artifact_digest for g in gates} == {deployment.artifact_digest}  # what was gated
     client = mlflow.MlflowClient(settings.MLFLOW_TRACKING_URI)
     assert int(client.get_model_version_by_alias(REGISTERED_MODEL, "staging").version) == 1
 
-    # 4. Invoke on held-out rows over HTTP; predictions equal the model's own.
+    # 5. Invoke on held-out rows over HTTP; predictions equal the model's own.
     _, key = api_key_create(name="e2e client", endpoints=[deployment.endpoint], created_by=None)
     split = breast_cancer_split()
     X, y = split.X_test.iloc[:60], split.y_test.iloc[:60]
@@ -122,13 +154,15 @@ def test_register_request_approve_deploy_invoke_feedback(
     assert predictions == [int(p) for p in model.predict(X)]
     assert PredictionLog.objects.filter(endpoint__name=endpoint).count() == len(X)
 
-    # 5. Labels arrive; unknown ids are reported back, not dropped silently.
+    # 6. Labels arrive; unknown ids are reported back, not dropped silently.
     unknown = "00000000-0000-4000-8000-000000000000"
-    posted = scoring.post(f"{live_server.url}/api/feedback", json=[*feedback, {"request_id": unknown, "label": 1}])
+    posted = scoring.post(
+        f"{live_server.url}/api/feedback", json=[*feedback, {"request_id": unknown, "label": 1}]
+    )
     assert posted.status_code == 200, posted.text
     assert posted.json() == {"accepted": len(X), "unknown": [unknown]}
 
-    # 6. The accuracy the portal shows equals scikit-learn's on the same rows.
+    # 7. The accuracy the portal shows equals scikit-learn's on the same rows.
     expected = accuracy_score(y, predictions)
     metrics = ds_api.get(f"{live_server.url}/api/endpoints/{endpoint}/metrics").json()
     assert metrics[0]["version"] == 1 and metrics[0]["labeled"] == len(X)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import mlflow
 import pytest
-from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import connection
 
@@ -12,26 +10,8 @@ from portal.audit import GENESIS_HASH, audit_record, audit_verify, event_hash
 from portal.models import AuditChainHead, AuditEvent
 from registry.models import RegisteredModel
 from rollouts import services
-from rollouts.models import Environment
+from rollouts.models import Deployment, Environment
 from tests.conftest import REGISTERED_MODEL
-
-
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
-    """Personas are created with a password; the production hasher costs ~0.5 s per user."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture
-def _no_mlflow_aliases(mlflow_store):
-    client = mlflow.MlflowClient(settings.MLFLOW_TRACKING_URI)
-    for alias in list(client.get_registered_model(REGISTERED_MODEL).aliases):
-        client.delete_registered_model_alias(REGISTERED_MODEL, alias)
-
-
-@pytest.fixture
-def synced(_no_mlflow_aliases, synced):
-    return synced
 
 
 @pytest.fixture
@@ -66,22 +46,28 @@ def _actions(**filters) -> list[str]:
 
 
 def test_every_action_writes_one_event(
-    data_scientist, reviewer, platform_admin, synced, django_capture_on_commit_callbacks, capsys
+    data_scientist,
+    reviewer,
+    platform_admin,
+    synced,
+    awaiting_review,
+    django_capture_on_commit_callbacks,
+    capsys,
 ):
     v1, v2 = synced
     staging = Environment.objects.get(name="staging")
     sync_events = _actions()
     assert sync_events == ["registry.sync"]
 
-    live = services.deployment_request_create(
-        requester=data_scientist, model_version=v1, environment=staging, justification="first"
-    )
+    rejected = awaiting_review(v2)
+    services.deployment_request_comment(request_id=rejected.pk, author=reviewer, body="why v2?")
+    services.deployment_request_reject(request_id=rejected.pk, reviewer=reviewer, comment="not yet")
+    live = awaiting_review(v1)
     with django_capture_on_commit_callbacks(execute=True):
         services.deployment_request_approve(request_id=live.pk, reviewer=reviewer, comment="lgtm")
-    rejected = services.deployment_request_create(
-        requester=data_scientist, model_version=v2, environment=staging, justification="second"
-    )
-    services.deployment_request_reject(request_id=rejected.pk, reviewer=reviewer, comment="not yet")
+    # v2 scores below the live v1 on the held-out split: the metrics gate stops it.
+    gated = awaiting_review(v2)
+    assert gated.status == "gates_failed", gated.status_reason
     cancelled = services.deployment_request_create(
         requester=data_scientist, model_version=v2, environment=staging, justification="third"
     )
@@ -92,15 +78,22 @@ def test_every_action_writes_one_event(
     services.api_key_revoke(key_id=key.pk, actor=platform_admin)
     services.api_key_revoke(key_id=key.pk, actor=platform_admin)  # already revoked: no event
 
+    assert _actions(object_type="rollouts.DeploymentRequest", object_id=str(rejected.pk)) == [
+        "request.created",
+        "request.gates_passed",
+        "request.commented",
+        "request.rejected",
+    ]
     assert _actions(object_type="rollouts.DeploymentRequest", object_id=str(live.pk)) == [
         "request.created",
+        "request.gates_passed",
         "request.approved",
         "deployment.started",
         "deployment.live",
     ]
-    assert _actions(object_type="rollouts.DeploymentRequest", object_id=str(rejected.pk)) == [
+    assert _actions(object_type="rollouts.DeploymentRequest", object_id=str(gated.pk)) == [
         "request.created",
-        "request.rejected",
+        "request.gates_failed",
     ]
     assert _actions(object_type="rollouts.DeploymentRequest", object_id=str(cancelled.pk)) == [
         "request.created",
@@ -111,18 +104,35 @@ def test_every_action_writes_one_event(
         "registry.alias_set"
     ]
     assert _actions(object_type="rollouts.ApiKey") == ["api_key.created", "api_key.revoked"]
-    assert AuditEvent.objects.count() == 1 + 4 + 2 + 2 + 1 + 1 + 2
+    assert AuditEvent.objects.count() == 1 + 4 + 5 + 2 + 2 + 1 + 1 + 2
 
     approved = AuditEvent.objects.get(action="request.approved")
     assert (approved.actor, approved.actor_label) == (reviewer, "bob")
+    assert (approved.registered_model, approved.environment) == (REGISTERED_MODEL, "staging")
     assert approved.before == {"status": "awaiting_review"}
-    assert approved.after == {"status": "approved", "comment": "lgtm"}
+    assert approved.after == {"status": "approved", "approvals": 1, "comment": "lgtm"}
+    passed = AuditEvent.objects.filter(action="request.gates_passed", object_id=str(live.pk)).get()
+    assert passed.actor_label == "system"
+    assert passed.before == {"status": "pending_gates"}
+    assert passed.after["status"] == "awaiting_review"
+    assert passed.after["artifact_digest"] == Deployment.objects.get(request=live).artifact_digest
+    assert set(passed.after["gates"]) == set(staging.gates) and all(passed.after["gates"].values())
+    failed = AuditEvent.objects.get(action="request.gates_failed")
+    assert failed.after["gates"]["metrics_within_tolerance"] is False
     assert AuditEvent.objects.get(action="deployment.live").actor_label == "system"
     traffic = AuditEvent.objects.get(action="traffic.changed")
     assert (traffic.before, traffic.after) == ({"traffic": {}}, {"traffic": {"v1": 100}})
+    assert (traffic.registered_model, traffic.environment) == (REGISTERED_MODEL, "staging")
+    # Every event about the model's requests, deployments and aliases names it and its stage.
+    about_requests = AuditEvent.objects.exclude(action__startswith="api_key.").exclude(
+        action="registry.sync"
+    )
+    assert set(about_requests.values_list("registered_model", "environment")) == {
+        (REGISTERED_MODEL, "staging")
+    }
 
     assert audit_verify().intact
-    assert "audit chain intact: 13 events" in _verify(capsys)
+    assert "audit chain intact: 18 events" in _verify(capsys)
 
 
 # --- the hash chain -----------------------------------------------------------------------------

@@ -7,9 +7,7 @@ import re
 import uuid
 from datetime import timedelta
 
-import mlflow
 import pytest
-from django.conf import settings
 from django.utils import timezone
 from sklearn.metrics import accuracy_score
 
@@ -18,7 +16,6 @@ from registry.models import ModelVersion, RegisteredModel
 from rollouts import services
 from rollouts.models import Endpoint, Environment, PredictionLog
 from rollouts.serving.runtime import router
-from tests.conftest import REGISTERED_MODEL
 
 FEEDBACK = "/api/feedback"
 
@@ -26,16 +23,11 @@ FEEDBACK = "/api/feedback"
 # --- fixtures: a mirrored model, its endpoint and logged predictions (no MLflow needed) -----------
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
-    """Personas are created with a password; the production hasher costs ~0.5 s per user."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
-def model(db):
+def model(team):
+    """Two versions of ``churn``, owned by ``team``."""
     now = timezone.now()
-    registered = RegisteredModel.objects.create(name="churn", synced_at=now)
+    registered = RegisteredModel.objects.create(name="churn", team=team, synced_at=now)
     v1 = ModelVersion.objects.create(
         registered_model=registered, version=1, status="READY", synced_at=now
     )
@@ -136,12 +128,26 @@ def test_list_and_relabel(client, endpoint, model, api_key):
     assert GroundTruth.objects.count() == 2
 
 
-def test_persona_may_send_labels(client, endpoint, model, reviewer):
+def test_persona_may_send_labels(client, endpoint, model, reviewer, data_scientist):
     rid = _log(endpoint, model[0], [0])
     client.force_login(reviewer)
     response = _post(client, {"request_id": str(rid), "label": 0})
     assert response.status_code == 200
     assert _labels() == {(str(rid), 0): 0}
+    client.force_login(data_scientist)  # of the team that owns the model
+    assert _post(client, {"request_id": str(rid), "label": 1}).json()["accepted"] == 1
+    assert _labels() == {(str(rid), 0): 1}
+
+
+def test_another_teams_data_scientist_sees_ids_as_unknown(
+    client, endpoint, model, other_data_scientist
+):
+    rid = _log(endpoint, model[0], [0])
+    client.force_login(other_data_scientist)
+    response = _post(client, {"request_id": str(rid), "label": 1})
+    assert response.status_code == 200
+    assert response.json() == {"accepted": 0, "unknown": [str(rid)]}
+    assert not GroundTruth.objects.exists()
 
 
 def test_unknown_ids_are_reported_and_not_stored(client, endpoint, model, api_key):
@@ -345,6 +351,21 @@ def test_metrics_of_unknown_endpoint_is_404(client, manager):
     assert client.get("/api/endpoints/nope/metrics").status_code == 404
 
 
+def test_dashboard_and_metrics_are_for_the_owning_team(
+    client, endpoint, model, data_scientist, other_data_scientist, reviewer, outsider
+):
+    _log(endpoint, model[0], [1])
+    for user in (data_scientist, reviewer):
+        client.force_login(user)
+        assert _dashboard_accuracy(client, endpoint)[1][0] == ""
+        assert _metrics(client, endpoint)[1]["rows"] == 1
+    # Another team's data scientist, or a user without a role: no such endpoint.
+    for user in (other_data_scientist, outsider):
+        client.force_login(user)
+        assert client.get(f"/monitoring/endpoints/{endpoint.name}/").status_code == 404
+        assert client.get(f"/api/endpoints/{endpoint.name}/metrics").status_code == 404
+
+
 def test_dashboard_windows_render(client, endpoint, model, manager):
     _log(endpoint, model[0], [1], minutes_ago=60 * 24 * 10)
     _log(endpoint, model[1], [0])
@@ -358,33 +379,10 @@ def test_dashboard_windows_render(client, endpoint, model, manager):
 # --- end to end: serve, label, measure ------------------------------------------------------------
 
 
-@pytest.fixture
-def synced(mlflow_store, synced):
-    client = mlflow.MlflowClient(settings.MLFLOW_TRACKING_URI)
-    for alias in list(client.get_registered_model(REGISTERED_MODEL).aliases):
-        client.delete_registered_model_alias(REGISTERED_MODEL, alias)
-    return synced
-
-
-def test_served_predictions_take_labels(
-    client,
-    data_scientist,
-    reviewer,
-    manager,
-    platform_admin,
-    synced,
-    django_capture_on_commit_callbacks,
-):
+def test_served_predictions_take_labels(client, deploy, manager, platform_admin, synced):
     v1, _ = synced
-    req = services.deployment_request_create(
-        requester=data_scientist,
-        model_version=v1,
-        environment=Environment.objects.get(name="staging"),
-        justification="serve it",
-    )
-    with django_capture_on_commit_callbacks(execute=True):
-        services.deployment_request_approve(request_id=req.pk, reviewer=reviewer)
-    req.refresh_from_db()
+    req = deploy(v1, "staging", justification="serve it")
+    assert req.status == "live", req.status_reason
     _, key = services.api_key_create(
         name="web", endpoints=[req.endpoint], created_by=platform_admin
     )

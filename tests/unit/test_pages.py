@@ -11,25 +11,29 @@ from django.utils import timezone
 from portal.audit import audit_record
 from registry.models import ModelVersion, RegisteredModel
 from rollouts import services
-from rollouts.models import Deployment, DeploymentRequest, Environment, PredictionLog
+from rollouts.models import (
+    Deployment,
+    DeploymentRequest,
+    Environment,
+    GateResult,
+    PredictionLog,
+)
 
 PERSONAS = ["data_scientist", "reviewer", "manager", "platform_admin"]
 MODEL = "churn"
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
-    """Personas are created with a password; the production hasher costs ~0.5 s per user."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
-def world(data_scientist, reviewer):
-    """A mirrored model with two versions, v1 live on its staging endpoint with logged
-    predictions, and a request for v2 awaiting review."""
+def world(team, data_scientist, reviewer):
+    """A mirrored model of ``team`` with two versions, v1 live on its staging endpoint with
+    logged predictions, and a request for v2 whose gates passed, awaiting review."""
     now = timezone.now()
     model = RegisteredModel.objects.create(
-        name=MODEL, description="Who leaves next month", aliases={"staging": 1}, synced_at=now
+        name=MODEL,
+        description="Who leaves next month",
+        aliases={"staging": 1},
+        team=team,
+        synced_at=now,
     )
     signature = {
         "inputs": [{"type": "double", "name": "tenure", "required": True}],
@@ -77,6 +81,15 @@ def world(data_scientist, reviewer):
     pending = services.deployment_request_create(
         requester=data_scientist, model_version=v2, environment=staging, justification="second"
     )
+    # The gates' evidence, written directly (the gates themselves need MLflow).
+    for name, label in (("model_loads", "loaded"), ("predicts_on_example", "1 rows scored")):
+        GateResult.objects.create(
+            request=pending, name=name, passed=True, summary=label, artifact_digest="b" * 64
+        )
+    DeploymentRequest.objects.filter(pk=pending.pk).update(
+        status=DeploymentRequest.Status.AWAITING_REVIEW, artifact_digest="b" * 64
+    )
+    pending.refresh_from_db()
     return {"endpoint": live.endpoint, "pending": pending, "v1": v1, "v2": v2}
 
 
@@ -90,8 +103,11 @@ def _pages(world) -> list[str]:
         "/rollouts/requests/?status=awaiting_review",
         f"/rollouts/requests/{world['pending'].pk}/",
         "/rollouts/endpoints/",
+        f"/rollouts/endpoints/{world['endpoint'].name}/timeline",
+        f"/registry/{MODEL}/compare?a=1&b=2",
         "/audit/",
         "/audit/?action=request.created&actor=alice",
+        f"/audit/?model={MODEL}&environment=staging",
         f"/monitoring/endpoints/{world['endpoint'].name}/",
     ]
 
@@ -135,6 +151,10 @@ def test_request_form_only_for_data_scientists(request, client, world, data_scie
         assert client.post(url, {"environment": 1, "justification": "x"}).status_code == 403, (
             persona
         )
+    # A data scientist of another team: the model does not exist for them.
+    client.force_login(request.getfixturevalue("other_data_scientist"))
+    assert client.get(url).status_code == 404
+    assert client.post(url, {"environment": 1, "justification": "x"}).status_code == 404
     assert DeploymentRequest.objects.count() == 2
 
 
@@ -163,12 +183,44 @@ def test_outsider_sees_no_requests_and_no_audit_trail(client, world, outsider):
     assert list(client.get("/").context["recent_events"]) == []
 
 
+def test_another_teams_data_scientist_sees_nothing_of_the_model(
+    client, world, other_data_scientist
+):
+    client.force_login(other_data_scientist)
+    endpoint = world["endpoint"].name
+    for url in (
+        f"/registry/{MODEL}/",
+        f"/registry/{MODEL}/versions/1/",
+        f"/registry/{MODEL}/compare",
+        f"/rollouts/requests/{world['pending'].pk}/",
+        f"/rollouts/endpoints/{endpoint}/timeline",
+        f"/monitoring/endpoints/{endpoint}/",
+    ):
+        assert client.get(url).status_code == 404, url
+    assert (
+        client.post(f"/rollouts/endpoints/{endpoint}/rollback", {"reason": "x"}).status_code == 404
+    )
+    # Lists and the audit trail show nothing of it.
+    assert list(client.get("/registry/").context["models"]) == []
+    listing = client.get("/rollouts/requests/")
+    assert list(listing.context["requests"]) == [] and list(listing.context["queue"]) == []
+    assert client.get("/rollouts/endpoints/").context["rows"] == []
+    audit = client.get("/audit/")
+    assert audit.status_code == 200 and list(audit.context["page"]) == []
+    home = client.get("/")
+    assert home.context["endpoints"] == [] and list(home.context["recent_events"]) == []
+    for url in ("/", "/registry/", "/rollouts/requests/", "/rollouts/endpoints/", "/audit/"):
+        assert MODEL.encode() not in client.get(url).content, url
+
+
 def test_detail_page_offers_decisions_to_other_reviewers_only(
     client, world, reviewer, manager, data_scientist
 ):
     url = f"/rollouts/requests/{world['pending'].pk}/"
     client.force_login(reviewer)
-    assert b'data-testid="approve"' in client.get(url).content
+    page = client.get(url).content
+    assert b'data-testid="approve"' in page
+    assert b"Model loads" in page and b"1 rows scored" in page  # the gates' evidence
     for user in (manager, data_scientist):
         client.force_login(user)
         assert b'data-testid="approve"' not in client.get(url).content
@@ -210,7 +262,7 @@ def test_audit_page_shows_events_and_filters(client, world, manager, reviewer):
 def test_request_list_query_count_does_not_grow(
     client, world, data_scientist, manager, django_assert_max_num_queries
 ):
-    staging = Environment.objects.get(name="production")
+    staging = Environment.objects.get(name="staging")
     for n in range(3, 13):
         mv = ModelVersion.objects.create(
             registered_model=world["v1"].registered_model,

@@ -15,12 +15,6 @@ from registry.models import ModelVersion, RegisteredModel
 from tests.conftest import REGISTERED_MODEL
 
 
-@pytest.fixture(autouse=True)
-def _fast_password_hashing(settings):
-    """Personas are created with a password; the production hasher costs ~0.5 s per user."""
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def _no_mlflow_aliases(mlflow_store):
     """The MLflow store lives for the whole session: start and end without aliases."""
@@ -35,11 +29,6 @@ def _no_mlflow_aliases(mlflow_store):
     clear()
 
 
-@pytest.fixture
-def synced(_no_mlflow_aliases, synced):
-    return synced
-
-
 def _sync_events() -> int:
     return AuditEvent.objects.filter(action="registry.sync").count()
 
@@ -47,11 +36,12 @@ def _sync_events() -> int:
 # --- registry_sync ---------------------------------------------------------------------------
 
 
-def test_first_sync_mirrors_models_and_versions(db, _no_mlflow_aliases):
+def test_first_sync_mirrors_models_and_versions(team, _no_mlflow_aliases):
     result = services.registry_sync()
     assert result.models_created == 1
     assert result.versions_created == 2
     model = RegisteredModel.objects.get(name=REGISTERED_MODEL)
+    assert model.team == team  # from the registered model's MLflow tag "team"
     assert list(model.versions.order_by("version").values_list("version", "status")) == [
         (1, "READY"),
         (2, "READY"),

@@ -18,6 +18,7 @@ from django.test import RequestFactory, TestCase, override_settings
 from django.urls import reverse
 
 from portal import celery_app
+from portal.models import Team
 from registry.demo_models import breast_cancer_split
 from registry.models import ModelVersion
 from registry.services import registry_sync
@@ -25,7 +26,7 @@ from rollouts import services
 from rollouts.models import Endpoint, Environment, PredictionLog
 from rollouts.serving import views
 from rollouts.serving.runtime import router
-from tests.conftest import REGISTERED_MODEL
+from tests.conftest import REGISTERED_MODEL, TEAM
 from tests.factories import UserFactory
 
 N_ROWS = 6
@@ -41,12 +42,6 @@ class Live:
 
 
 FAST_HASHER = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings):
-    """The persona fixtures set passwords; PBKDF2 costs ~1 s a test that none of these need."""
-    settings.PASSWORD_HASHERS = FAST_HASHER
 
 
 @pytest.fixture(autouse=True)
@@ -78,14 +73,18 @@ def _environment(name: str) -> Environment:
     return Environment.objects.get(name=name)
 
 
-def _deploy(version, data_scientist, reviewer, capture, environment: str = "staging"):
-    """The real path: request, approve, and the deploy task (eager) on commit."""
-    req = services.deployment_request_create(
-        requester=data_scientist,
-        model_version=version,
-        environment=_environment(environment),
-        justification="serving API tests",
-    )
+def _deploy(version, data_scientist, reviewer, capture):
+    """The real path to staging: request, the gates task and, once approved, the deploy task
+    (both eager) on commit."""
+    with capture(execute=True):
+        req = services.deployment_request_create(
+            requester=data_scientist,
+            model_version=version,
+            environment=_environment("staging"),
+            justification="serving API tests",
+        )
+    req.refresh_from_db()
+    assert req.status == "awaiting_review", req.status_reason
     with capture(execute=True):
         services.deployment_request_approve(request_id=req.pk, reviewer=reviewer)
     req.refresh_from_db()
@@ -95,11 +94,15 @@ def _deploy(version, data_scientist, reviewer, capture, environment: str = "stag
 
 
 def _deploy_v1_with_a_key() -> Live:
+    # The team must exist before the sync, which assigns the model to it by its MLflow tag.
+    team = Team.objects.get_or_create(slug=TEAM, defaults={"name": "Diagnostics"})[0]
     registry_sync()
     v1 = ModelVersion.objects.get(registered_model__name=REGISTERED_MODEL, version=1)
+    # Module-scoped: the per-test fixtures (personas, fast hasher) have not run yet.
     with override_settings(PASSWORD_HASHERS=FAST_HASHER):
         alice = UserFactory(username="alice", roles=["data scientists"])
         bob = UserFactory(username="bob", roles=["reviewers"])
+    team.members.add(alice)
     # The autouse fixture that makes tasks eager is per test and has not run yet.
     saved = celery_app.conf.task_always_eager, celery_app.conf.task_eager_propagates
     celery_app.conf.task_always_eager = celery_app.conf.task_eager_propagates = True
@@ -535,9 +538,7 @@ def test_ping_unknown_endpoint_is_404(client, db):
     assert "No endpoint named 'no-such-endpoint'" in response.json()["message"]
 
 
-def test_ping_is_503_until_a_version_is_live_then_200(
-    client, synced, data_scientist, reviewer, django_capture_on_commit_callbacks
-):
+def test_ping_is_503_until_a_version_is_live_then_200(client, synced, deploy):
     v1, _ = synced
     endpoint = services.endpoint_for(model_version=v1, environment=_environment("production"))
     url = reverse("serving:ping", kwargs={"endpoint": endpoint.name})
@@ -546,7 +547,14 @@ def test_ping_is_503_until_a_version_is_live_then_200(
     assert before.status_code == 503
     assert before.json()["message"] == "no live version"
 
-    _deploy(v1, data_scientist, reviewer, django_capture_on_commit_callbacks, "production")
+    # Production takes only versions that have been live in staging; live in staging is not
+    # live in production.
+    assert deploy(v1, "staging").status == "live"
+    router.invalidate()
+    assert client.get(url).status_code == 503
+
+    assert deploy(v1, "production").status == "live"  # two approvals
+    router.invalidate()
     after = client.get(url)
 
     assert after.status_code == 200
