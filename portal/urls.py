@@ -23,6 +23,7 @@ urlpatterns = [
     path("health", serving_views.health, name="health"),
     path("ping", serving_views.health, name="ping"),
     path("version", serving_views.version, name="version"),
+    path("metrics", serving_views.metrics, name="metrics"),
     path("api/feedback", monitoring_api.FeedbackApi.as_view(), name="api-feedback"),
     path(
         "api/endpoints/<slug:name>/metrics",

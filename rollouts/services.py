@@ -383,5 +383,10 @@ def api_key_revoke(*, key_id: int, actor: User | None) -> ApiKey:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
         audit_record(actor=actor, action="api_key.revoked", obj=key)
+        # This process forgets the key at once; other serving processes within
+        # SERVING_ROUTE_TTL_S (their key tables expire per key).
+        from rollouts.serving.runtime import keys
+
+        keys.invalidate()  # harmless if the transaction rolls back: the table reloads
     return key
 
