@@ -244,3 +244,84 @@ def set_alias(name: str, alias: str, version: int) -> None:
         _client().set_registered_model_alias(name, alias, str(int(version)))
     except (MlflowException, OSError) as exc:
         raise RegistryError(f"cannot set alias {alias!r} on {name} v{version}: {exc}") from exc
+
+
+# The model-registry events MLflow 3.17 emits (``mlflow.entities.webhook.VALID_ENTITY_ACTIONS``
+# minus prompts and budget policies): each one can change what the portal mirrors.
+REGISTRY_WEBHOOK_EVENTS: tuple[str, ...] = (
+    "registered_model.created",
+    "model_version.created",
+    "model_version_tag.set",
+    "model_version_tag.deleted",
+    "model_version_alias.created",
+    "model_version_alias.deleted",
+)
+
+
+@dataclass(frozen=True)
+class WebhookInfo:
+    """A webhook as MLflow stores it (never with its secret)."""
+
+    webhook_id: str
+    name: str
+    url: str
+    events: list[str]
+    status: str
+    created: bool  # True when ensure_webhook created it, False when it updated an existing one
+
+
+def ensure_webhook(
+    name: str, url: str, secret: str, events: list[str] | tuple[str, ...] = REGISTRY_WEBHOOK_EVENTS
+) -> WebhookInfo:
+    """Create the webhook ``name`` in MLflow, or bring the existing one to ``url``, ``secret``,
+    ``events`` and status ACTIVE (idempotent by name).
+
+    ``events`` are MLflow event strings (``"<entity>.<action>"``, e.g. ``"model_version.created"``).
+    Webhooks need MLflow's SQL registry store; the MLflow server only delivers to http URLs and
+    to loopback/private addresses when started with ``MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https``
+    and ``MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true``. A running server caches its webhook list per
+    event for ``MLFLOW_WEBHOOK_CACHE_TTL`` seconds (60 by default), so a change to an existing
+    webhook may take that long to apply.
+
+    Raises:
+        RegistryError: MLflow is unreachable, refused the webhook (bad URL, scheme, event, or a
+            file store), or already holds several webhooks with this name.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        same_name = []
+        page_token = None
+        while True:
+            page = client.list_webhooks(max_results=100, page_token=page_token)
+            same_name.extend(w for w in page if w.name == name)
+            page_token = page.token
+            if not page_token:
+                break
+        if len(same_name) > 1:
+            ids = ", ".join(w.webhook_id for w in same_name)
+            raise RegistryError(f"MLflow has {len(same_name)} webhooks named {name!r} ({ids}); "
+                                "delete all but one")
+        if same_name:
+            webhook = client.update_webhook(
+                same_name[0].webhook_id, url=url, events=list(events), secret=secret,
+                status="ACTIVE",
+            )
+        else:
+            webhook = client.create_webhook(
+                name=name, url=url, events=list(events), secret=secret, status="ACTIVE",
+                description="Rollgate: mirror the model registry when it changes",
+            )
+    except MlflowException as exc:
+        raise RegistryError(f"cannot set up webhook {name!r}: {exc}") from exc
+    except OSError as exc:
+        raise RegistryError(f"MLflow is unreachable: {exc}") from exc
+    return WebhookInfo(
+        webhook_id=webhook.webhook_id,
+        name=webhook.name,
+        url=webhook.url,
+        events=[str(e) for e in webhook.events],
+        status=str(webhook.status),
+        created=not same_name,
+    )

@@ -143,6 +143,9 @@ def celery_worker_process(django_db_setup, django_db_blocker, mlflow_store, tmp_
     queue = f"rollgate-test-{os.getpid()}"
     celery_app.conf.broker_url = broker
     celery_app.conf.task_default_queue = queue
+    # An eager .delay() earlier in the session already built the producer pool on the default
+    # broker; drop it so that tasks go to the broker the worker listens on.
+    celery_app.close()
     env = {
         **os.environ,
         "DATABASE_URL": _test_database_url(),
