@@ -14,7 +14,33 @@ threads = int(os.environ.get("WEB_THREADS", "8"))
 timeout = 60
 graceful_timeout = 20
 keepalive = 5
-accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-")
+accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-") or None  # empty: no access log
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOGLEVEL", "info")
 proc_name = "rollgate-web"
+
+# prometheus_client's multiprocess mode: every worker writes its samples under this folder and
+# GET /metrics adds them up. It must be set before any worker imports prometheus_client.
+_metrics_dir = os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR",
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "var", "prometheus"),
+)
+
+
+def on_starting(server):
+    """Start each run with empty metrics (files of dead workers would be added up forever)."""
+    import shutil
+
+    shutil.rmtree(_metrics_dir, ignore_errors=True)
+    os.makedirs(_metrics_dir, exist_ok=True)
+
+
+def worker_exit(server, worker):
+    """Graceful stop of a worker: write the prediction rows still buffered, drop its metrics."""
+    from prometheus_client import multiprocess
+
+    from rollouts.serving.logbuffer import log_buffer
+
+    written = log_buffer.flush()
+    server.log.info("worker %s flushed %s prediction log rows", worker.pid, written)
+    multiprocess.mark_process_dead(worker.pid)

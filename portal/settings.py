@@ -189,8 +189,19 @@ MLFLOW_WEBHOOK_SECRET = env.str("MLFLOW_WEBHOOK_SECRET", default="")
 # --- Serving ----------------------------------------------------------------------------------
 SERVING_MAX_BODY_BYTES = env.int("SERVING_MAX_BODY_BYTES", default=10 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = SERVING_MAX_BODY_BYTES
-# How long a serving process trusts its cached routing table, in seconds.
+# How long a serving process trusts its cached routing and API-key tables, in seconds.
 SERVING_ROUTE_TTL_S = env.float("SERVING_ROUTE_TTL_S", default=1.0)
+# Micro-batching: the longest a request waits for others to share its predict call.
+SERVING_BATCH_MAX_WAIT_MS = env.float("SERVING_BATCH_MAX_WAIT_MS", default=2.0)
+SERVING_BATCH_MAX_ROWS = env.int("SERVING_BATCH_MAX_ROWS", default=256)
+# Prediction log: buffered and written in bulk by a background thread (see logbuffer.py).
+SERVING_LOG_BUFFERED = env.bool("SERVING_LOG_BUFFERED", default=True)
+SERVING_LOG_FLUSH_S = env.float("SERVING_LOG_FLUSH_S", default=0.25)
+SERVING_LOG_BATCH_ROWS = env.int("SERVING_LOG_BATCH_ROWS", default=1000)
+# Error bodies name the field at fault; with this on they also echo the offending value.
+SERVING_DEBUG_ERRORS = env.bool("SERVING_DEBUG_ERRORS", default=False)
+
+CACHES = {"default": env.cache_url("CACHE_URL", default="locmemcache://rollgate")}
 
 LOGGING = {
     "version": 1,

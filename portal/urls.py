@@ -22,5 +22,6 @@ urlpatterns = [
     path("health", serving_views.health, name="health"),
     path("ping", serving_views.health, name="ping"),
     path("version", serving_views.version, name="version"),
+    path("metrics", serving_views.metrics, name="metrics"),
     path("api/", include("portal.api_urls")),
 ]

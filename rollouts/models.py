@@ -119,6 +119,9 @@ class Endpoint(models.Model):
     registered_model = models.ForeignKey(
         RegisteredModel, on_delete=models.PROTECT, related_name="endpoints"
     )
+    max_body_bytes = models.PositiveIntegerField(
+        null=True, blank=True, help_text="largest scoring request body; empty: SERVING_MAX_BODY_BYTES"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -350,6 +353,9 @@ class ApiKey(models.Model):
     endpoints = models.ManyToManyField(Endpoint, related_name="api_keys")
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    rate_limit_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, help_text="scoring requests per minute; empty: unlimited"
     )
     created_at = models.DateTimeField(auto_now_add=True)
     revoked_at = models.DateTimeField(null=True, blank=True)

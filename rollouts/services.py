@@ -704,7 +704,12 @@ def api_key_hash(raw_key: str) -> str:
 @transaction.atomic
 def api_key_create(*, name: str, endpoints: list[Endpoint], created_by: User | None) -> tuple[ApiKey, str]:
     """Create a key scoped to ``endpoints``. Returns the row and the plaintext key, which is
-    shown once and never stored."""
+    shown once and never stored. ``created_by`` None is the system (seed, management command).
+
+    Raises: PermissionDenied (a person who is not a platform admin), ValidationError (no name).
+    """
+    if created_by is not None and not is_platform_admin(created_by):
+        raise PermissionDenied("Only platform admins can create API keys.")
     if not name.strip():
         raise ValidationError({"name": "Name the key after the client that will use it."})
     raw = API_KEY_PREFIX + secrets.token_urlsafe(32)
@@ -716,10 +721,18 @@ def api_key_create(*, name: str, endpoints: list[Endpoint], created_by: User | N
 
 @transaction.atomic
 def api_key_revoke(*, key_id: int, actor: User | None) -> ApiKey:
+    """Raises PermissionDenied for a person who is not a platform admin."""
+    if actor is not None and not is_platform_admin(actor):
+        raise PermissionDenied("Only platform admins can revoke API keys.")
     key = ApiKey.objects.select_for_update().get(pk=key_id)
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
         key.save(update_fields=["revoked_at"])
         audit_record(actor=actor, action="api_key.revoked", obj=key)
+        # This process forgets the key at once; other serving processes within
+        # SERVING_ROUTE_TTL_S (their key tables expire per key).
+        from rollouts.serving.runtime import keys
+
+        keys.invalidate()  # harmless if the transaction rolls back: the table reloads
     return key
 

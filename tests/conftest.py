@@ -32,6 +32,20 @@ def _fast_password_hashing(settings):
 
 
 @pytest.fixture(autouse=True)
+def _serving_state(settings):
+    """Each test starts with empty routing and key tables, and writes the prediction log in
+    the request (inside the test's transaction); tests of the buffered writer turn it on."""
+    from rollouts.serving.runtime import keys, router
+
+    settings.SERVING_LOG_BUFFERED = False
+    router.invalidate()
+    keys.invalidate()
+    yield
+    router.invalidate()
+    keys.invalidate()
+
+
+@pytest.fixture(autouse=True)
 def _celery_eager():
     """Unit tests run tasks in-process; the e2e fixture below turns this off."""
     celery_app.conf.task_always_eager = True

@@ -43,9 +43,17 @@ class UnsupportedMediaType(InputError):
 
 @dataclass(frozen=True)
 class ParsedInput:
-    frame: pd.DataFrame
+    columns: dict[str, Any]  # column name -> typed values (numpy arrays for numeric types)
     params: dict[str, Any] | None
     records: list[dict[str, Any]]  # the validated rows, JSON-safe, for the prediction log
+
+    @property
+    def rows(self) -> int:
+        return len(self.records)
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.columns)
 
 
 @dataclass(frozen=True)
@@ -119,9 +127,9 @@ def parse_request(body: bytes, content_type: str, signature: dict[str, Any] | No
     params = _check_params(params, signature)
     if specs is None:
         frame = pd.DataFrame.from_records(records)
-        return ParsedInput(frame, params, records)
+        return ParsedInput({c: frame[c].to_numpy() for c in frame.columns}, params, records)
     columns, typed_records = _typed_columns(records, specs, from_text=from_text)
-    return ParsedInput(pd.DataFrame(columns), params, typed_records)
+    return ParsedInput(columns, params, typed_records)
 
 
 def _read_json(text: str) -> dict[str, Any]:
@@ -265,7 +273,7 @@ def _typed_columns(
             finite = not isinstance(value, float) or math.isfinite(value)
             rec[spec.name] = value if finite else None
         dtype = _NUMPY_DTYPES.get(spec.type)
-        columns[spec.name] = np.asarray(values, dtype=dtype) if dtype else values
+        columns[spec.name] = np.asarray(values, dtype=dtype if dtype else object)
     return columns, typed_records
 
 

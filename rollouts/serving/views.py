@@ -15,14 +15,17 @@ import uuid
 from typing import Any
 
 from django.conf import settings
+from django.core.cache import cache
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from registry.mlflow_client import RegistryError
-from rollouts.models import ApiKey, PredictionLog
-from rollouts.serving.runtime import model_cache, router
-from rollouts.serving.schema import InputError, parse_request, predictions_to_jsonable
+from rollouts.models import PredictionLog
+from rollouts.serving.logbuffer import log_buffer
+from rollouts.serving.metrics import exposition, observe
+from rollouts.serving.runtime import KeyGrant, batcher, keys, model_cache, router
+from rollouts.serving.schema import InputError, parse_request
 from rollouts.services import api_key_hash
 
 logger = logging.getLogger(__name__)
@@ -36,28 +39,41 @@ def _error(status: int, code: str, message: str, request_id: str, **headers: str
     return response
 
 
-def authenticate_api_key(request: HttpRequest, endpoint_id: int) -> tuple[int | None, str | None]:
-    """(key id, None) for a live key scoped to the endpoint, else (None, reason)."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None, "Send the endpoint's API key as 'Authorization: Bearer <key>'."
-    key = (
-        ApiKey.objects.filter(key_hash=api_key_hash(token.strip()), revoked_at__isnull=True)
-        .values_list("pk", flat=True)
-        .first()
-    )
-    if key is None:
-        return None, "The API key is not valid or has been revoked."
-    if not ApiKey.endpoints.through.objects.filter(apikey_id=key, endpoint_id=endpoint_id).exists():
-        return None, "The API key is not allowed to call this endpoint."
-    return key, None
+def _rate_limited(key: KeyGrant) -> int | None:
+    """Seconds until the key may call again, or None when within its per-minute limit.
+
+    A fixed one-minute window counted in Django's cache (Redis with ``CACHE_URL``, so shared by
+    every replica; per process with the default local-memory cache)."""
+    if not key.rate_limit_per_minute:
+        return None
+    now = time.time()
+    window = int(now // 60)
+    cache_key = f"rollgate:rate:{key.key_id}:{window}"
+    if cache.add(cache_key, 1, timeout=61):
+        count = 1
+    else:
+        try:
+            count = cache.incr(cache_key)
+        except ValueError:  # expired between add and incr
+            cache.add(cache_key, 1, timeout=61)
+            count = 1
+    if count > key.rate_limit_per_minute:
+        return max(1, int(60 - now % 60))
+    return None
 
 
 @csrf_exempt
 def invocations(request: HttpRequest, endpoint: str) -> HttpResponse:
     started = time.perf_counter()
     request_id = str(uuid.uuid4())
+    response = _invocations(request, endpoint, request_id, started)
+    version = response.get("X-Model-Version", "")
+    scored = response.status_code == 200
+    observe(endpoint if response.status_code != 404 else "", version, response.status_code, time.perf_counter() - started if scored else None)
+    return response
+
+
+def _invocations(request: HttpRequest, endpoint: str, request_id: str, started: float) -> HttpResponse:
     if request.method != "POST":
         response = _error(405, "METHOD_NOT_ALLOWED", "Use POST.", request_id)
         response["Allow"] = "POST"
@@ -65,44 +81,58 @@ def invocations(request: HttpRequest, endpoint: str) -> HttpResponse:
     routes = router.get(endpoint)
     if routes is None:
         return _error(404, "RESOURCE_DOES_NOT_EXIST", f"No endpoint named {endpoint!r}.", request_id)
-    key_id, reason = authenticate_api_key(request, routes.endpoint_id)
-    if key_id is None:
-        return _error(401, "UNAUTHENTICATED", reason, request_id, WWW_Authenticate="Bearer")
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return _error(401, "UNAUTHENTICATED", "Send the endpoint's API key as 'Authorization: Bearer <key>'.", request_id, WWW_Authenticate="Bearer")
+    key = keys.get(api_key_hash(token.strip()))
+    if key is None:
+        return _error(401, "UNAUTHENTICATED", "The API key is not valid or has been revoked.", request_id, WWW_Authenticate="Bearer")
+    if routes.endpoint_id not in key.endpoint_ids:
+        return _error(401, "UNAUTHENTICATED", "The API key is not allowed to call this endpoint.", request_id, WWW_Authenticate="Bearer")
+    if (retry_after := _rate_limited(key)) is not None:
+        return _error(429, "RATE_LIMITED", f"This key may make {key.rate_limit_per_minute} requests per minute.", request_id, Retry_After=str(retry_after))
     if not routes.routes:
         return _error(503, "ENDPOINT_NOT_READY", f"Endpoint {endpoint!r} has no live version yet.", request_id)
-    limit = settings.SERVING_MAX_BODY_BYTES
+    limit = routes.max_body_bytes or settings.SERVING_MAX_BODY_BYTES
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
         declared = 0
+    too_large = f"The body is over this endpoint's limit of {limit} bytes."
     if declared > limit:
-        return _error(413, "REQUEST_TOO_LARGE", f"The body is over this endpoint's limit of {limit} bytes.", request_id)
-    body = request.read(limit + 1)
-    if len(body) > limit:
-        return _error(413, "REQUEST_TOO_LARGE", f"The body is over this endpoint's limit of {limit} bytes.", request_id)
+        return _error(413, "REQUEST_TOO_LARGE", too_large, request_id)
 
     route = routes.pick()
     headers = {"X_Model_Name": route.model_name, "X_Model_Version": str(route.version)}
-    try:
-        parsed = parse_request(body, request.META.get("CONTENT_TYPE", ""), route.signature)
-    except InputError as exc:
-        return _error(exc.status, exc.error_code, exc.message, request_id, **headers)
     try:
         model = model_cache.get(route.model_name, route.version)
     except RegistryError:
         logger.exception("cannot load %s v%s", route.model_name, route.version)
         return _error(503, "MODEL_UNAVAILABLE", "The live model version cannot be loaded right now.", request_id, **headers)
+    withdraw = batcher.announce(route.model_name, route.version, model)
     try:
-        raw = model.predict(parsed.frame, params=parsed.params) if parsed.params else model.predict(parsed.frame)
-        predictions = predictions_to_jsonable(raw)
+        body = request.read(limit + 1)
+        if len(body) > limit:
+            return _error(413, "REQUEST_TOO_LARGE", too_large, request_id)
+        try:
+            parsed = parse_request(body, request.META.get("CONTENT_TYPE", ""), route.signature)
+        except InputError as exc:
+            response = _error(exc.status, exc.error_code, exc.message, request_id, **headers)
+            if settings.SERVING_DEBUG_ERRORS and route.signature:
+                response.content = json.dumps({"error_code": exc.error_code, "message": exc.message, "schema": route.signature.get("inputs")}).encode()
+            return response
+    finally:
+        withdraw()
+    try:
+        predictions = batcher.predict(route.model_name, route.version, model, parsed.columns, parsed.rows, parsed.params)
     except Exception as exc:  # the model rejected input that passed the signature checks
         logger.info("predict failed on %s v%s: %s", route.model_name, route.version, exc)
         message = f"The model could not score this input: {type(exc).__name__}: {str(exc)[:300]}"
         return _error(422, "MODEL_ERROR", message, request_id, **headers)
 
     latency_ms = (time.perf_counter() - started) * 1000
-    _log_predictions(request_id, routes.endpoint_id, route.model_version_id, key_id, parsed.records, predictions, latency_ms)
-    response = JsonResponse({"predictions": predictions})
+    _log_predictions(request_id, routes.endpoint_id, route.model_version_id, key.key_id, parsed.records, predictions, latency_ms)
+    response = HttpResponse(json.dumps({"predictions": predictions}), content_type="application/json")
     response["X-Request-Id"] = request_id
     response["X-Model-Name"] = route.model_name
     response["X-Model-Version"] = str(route.version)
@@ -121,20 +151,28 @@ def _log_predictions(
     now = timezone.now()
     if len(predictions) != len(records):  # e.g. a model that returns one value for the batch
         predictions = [predictions] + [None] * (len(records) - 1)
-    PredictionLog.objects.bulk_create(
-        PredictionLog(
-            request_id=request_id,
-            row_index=i,
-            endpoint_id=endpoint_id,
-            model_version_id=model_version_id,
-            api_key_id=key_id,
-            features=record,
-            prediction=prediction,
-            latency_ms=latency_ms,
-            created_at=now,
-        )
-        for i, (record, prediction) in enumerate(zip(records, predictions, strict=True))
+    log_buffer.append(
+        [
+            PredictionLog(
+                request_id=request_id,
+                row_index=i,
+                endpoint_id=endpoint_id,
+                model_version_id=model_version_id,
+                api_key_id=key_id,
+                features=record,
+                prediction=prediction,
+                latency_ms=latency_ms,
+                created_at=now,
+            )
+            for i, (record, prediction) in enumerate(zip(records, predictions, strict=True))
+        ]
     )
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus text format: request counts, latencies, batch sizes, by endpoint and version."""
+    body, content_type = exposition()
+    return HttpResponse(body, content_type=content_type)
 
 
 def ping(request: HttpRequest, endpoint: str) -> HttpResponse:

@@ -113,6 +113,7 @@ EXEMPT: dict[str, str] = {
     "ping": "load-balancer probe, public as MLflow's scoring server /ping",
     "version": "MLflow version for clients, public as MLflow's scoring server /version",
     # MLflow's registry calls it, authenticated by the HMAC signature of each delivery.
+    "metrics": "Prometheus scrape target of the serving data plane, like MLflow's server metrics",
     "registry:webhook": "HMAC-signed MLflow deliveries; tests/integration/test_webhooks.py",
 }
 

@@ -1,0 +1,106 @@
+"""The prediction log's write path, kept off the request thread.
+
+Requests append their rows to an in-process buffer; a writer thread inserts them in bulk
+(``bulk_create``) every ``SERVING_LOG_FLUSH_S`` seconds or ``SERVING_LOG_BATCH_ROWS`` rows,
+in its own database connection. :func:`flush` drains everything synchronously; it runs at
+interpreter exit and from gunicorn's ``worker_exit`` hook, so a graceful shutdown loses no row.
+
+With ``SERVING_LOG_BUFFERED`` off, rows are written in the request instead (one ``bulk_create``
+per request), which keeps them inside the caller's transaction, as unit tests need.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+
+from rollouts.models import PredictionLog
+
+logger = logging.getLogger(__name__)
+
+
+class LogBuffer:
+    def __init__(self) -> None:
+        self._rows: list[PredictionLog] = []
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.written = 0
+        self.failed_batches = 0
+
+    def append(self, rows: list[PredictionLog]) -> None:
+        """Queue rows for writing (or write them now when buffering is off)."""
+        if not settings.SERVING_LOG_BUFFERED:
+            PredictionLog.objects.bulk_create(rows)
+            return
+        with self._lock:
+            self._rows.extend(rows)
+            pending = len(self._rows)
+        self._ensure_thread()
+        if pending >= settings.SERVING_LOG_BATCH_ROWS:
+            self._wake.set()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="rollgate-log-writer", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(timeout=settings.SERVING_LOG_FLUSH_S)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - keep the writer alive; rows stay queued
+                logger.exception("writing the prediction log failed; will retry")
+                time.sleep(1.0)
+            finally:
+                close_old_connections()
+
+    def flush(self) -> int:
+        """Write every queued row now; returns how many. Rows of a failed insert are queued
+        again, in order, and the error is raised."""
+        with self._write_lock:
+            with self._lock:
+                rows, self._rows = self._rows, []
+            if not rows:
+                return 0
+            try:
+                for start in range(0, len(rows), 2000):
+                    PredictionLog.objects.bulk_create(rows[start : start + 2000])
+            except Exception:
+                self.failed_batches += 1
+                with self._lock:
+                    self._rows[:0] = rows[start:]
+                raise
+            self.written += len(rows)
+            return len(rows)
+
+
+log_buffer = LogBuffer()
+
+
+def _flush_at_exit() -> None:
+    try:
+        written = log_buffer.flush()
+        if written:
+            logger.info("flushed %s prediction log rows at exit", written)
+    except Exception:  # noqa: BLE001 - nothing left to do at exit but say so
+        logger.exception("could not flush %s prediction log rows at exit", log_buffer.pending())
+    finally:
+        connection.close()
+
+
+atexit.register(_flush_at_exit)
