@@ -180,7 +180,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rollgate-bench-"))
     print(f"workspace {work}", flush=True)
     setup = setup_rollgate(work)
-    env = {**os.environ, "CELERY_TASK_ALWAYS_EAGER": "0"}
+    # mlflow runs `uvicorn` by name: the venv's bin folder must be on PATH.
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    env = {**os.environ, "CELERY_TASK_ALWAYS_EAGER": "0", "PATH": path}
 
     results: dict[str, dict[int, dict]] = {"mlflow": {}, "rollgate": {}}
 

@@ -4,27 +4,15 @@ approves it, and the page shows it live once the worker has deployed it."""
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 
 from registry.services import registry_sync
 from rollouts.models import Environment
+from tests.browser.conftest import SCREENSHOTS
 from tests.conftest import REGISTERED_MODEL
 from tests.factories import PASSWORD
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "var" / "screenshots"
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,29 +21,6 @@ pytestmark = [
     # (environments, role groups) that later tests rely on.
     pytest.mark.django_db(transaction=True, serialized_rollback=True),
 ]
-
-
-@pytest.fixture
-def browser_page():
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("ROLLGATE_REQUIRE_BROWSER"):
-            pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package")
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    # Playwright's sync API runs an event loop in this thread; the test's own ORM calls are
-    # still synchronous, so tell Django not to refuse them.
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(20_000)
-        try:
-            yield page
-        finally:
-            browser.close()
-            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
 
 
 def _log_in(page, base_url: str, username: str) -> None:

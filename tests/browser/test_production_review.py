@@ -9,8 +9,9 @@ import re
 import pytest
 
 from portal import celery_app
-from rollouts.models import Deployment, DeploymentRequest
-from tests.browser.test_deploy_in_browser import SCREENSHOTS, _log_in, _log_out
+from rollouts.models import Deployment, DeploymentRequest, Environment
+from tests.browser.conftest import SCREENSHOTS
+from tests.browser.test_deploy_in_browser import _log_in, _log_out
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,6 +24,9 @@ def test_production_release_needs_a_second_reviewer(
     live_server, real_worker, browser_page, synced, deploy, awaiting_review, reviewer, second_reviewer
 ):
     v1, v2 = synced
+    # The random forest (v2) scores a few points below the logistic regression (v1): the policy
+    # lets a drop of 0.05 through, so the reviewers see the drop rather than failed gates.
+    Environment.objects.update(metric_tolerance=0.05)
     celery_app.conf.task_always_eager = True  # set-up in-process: v1 live in staging and production
     try:
         deploy(v1, "staging")

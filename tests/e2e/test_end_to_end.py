@@ -130,8 +130,17 @@ def test_register_request_approve_deploy_invoke_feedback(
     assert deployment.status == "live" and deployment.traffic_weight == 100
     assert len(deployment.artifact_digest) == 64
     assert {g.artifact_digest for g in gates} == {deployment.artifact_digest}  # what was gated
+    # The worker moves the MLflow alias just after the request goes live (and an earlier test
+    # of the session may have left it on another version): wait for it to follow.
     client = mlflow.MlflowClient(settings.MLFLOW_TRACKING_URI)
-    assert int(client.get_model_version_by_alias(REGISTERED_MODEL, "staging").version) == 1
+
+    def staging_alias() -> int | None:
+        try:
+            return int(client.get_model_version_by_alias(REGISTERED_MODEL, "staging").version)
+        except mlflow.exceptions.MlflowException:
+            return None
+
+    _wait_for(lambda: staging_alias() == 1, 60, "the staging alias to follow the live version")
 
     # 5. Invoke on held-out rows over HTTP; predictions equal the model's own.
     _, key = api_key_create(name="e2e client", endpoints=[deployment.endpoint], created_by=None)

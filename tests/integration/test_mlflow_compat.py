@@ -32,7 +32,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def mlflow_server(mlflow_store):
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store["tracking_uri"]}
+    # mlflow runs `uvicorn` by name: the venv's bin folder must be on PATH.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store["tracking_uri"], "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{REGISTERED_MODEL}/1",
          "--env-manager", "local", "-w", "1", "-h", "127.0.0.1", "-p", str(port)],

@@ -34,6 +34,7 @@ PERSONAS = {
     "second_reviewer": ("erin", REVIEWERS),
 }
 TEAM = ("Diagnostics", "diagnostics")
+STAGING_TOLERANCE = 0.05
 CREDENTIALS = Path(settings.VAR_DIR) / "demo-credentials.json"
 EXAMPLE_REQUEST = Path(settings.VAR_DIR) / "example-request.json"
 
@@ -51,6 +52,15 @@ class Command(BaseCommand):
         users = self._users(previous.get("users", {}))
         team, _ = Team.objects.get_or_create(slug=TEAM[1], defaults={"name": TEAM[0]})
         team.members.add(users["data_scientist"][0])
+        # The demo's v2 (random forest) scores a few points below v1 on the held-out split:
+        # staging lets a drop of up to 0.05 through its metrics gate, production keeps 0.
+        staging = Environment.objects.get(name="staging")
+        if staging.metric_tolerance < STAGING_TOLERANCE:
+            services.environment_policy_update(
+                environment_id=staging.pk,
+                actor=users["platform_admin"][0],
+                changes={"metric_tolerance": STAGING_TOLERANCE},
+            )
         self._register_models()
         registry_sync()
         v1 = ModelVersion.objects.get(registered_model__name=REGISTERED_MODEL, version=1)
