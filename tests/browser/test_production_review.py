@@ -41,7 +41,8 @@ def test_production_release_needs_a_second_reviewer(
     _log_in(page, live_server.url, reviewer.username)
     page.goto(f"{live_server.url}{req.get_absolute_url()}")
     evidence = page.locator("[data-testid=metrics-side-by-side]")
-    assert "Champion v1" in evidence.inner_text() and "Candidate v2" in evidence.inner_text()
+    text = evidence.text_content()  # the DOM text; th is shown upper-cased by CSS
+    assert "Champion v1" in text and "Candidate v2" in text and "0.9883" in text
     assert page.locator("[data-testid=gates] .badge.live").count() == 5  # all five gates passed
     assert "same inputs" in page.content()
     page.screenshot(path=str(SCREENSHOTS / "3-evidence.png"), full_page=True)
