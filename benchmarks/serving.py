@@ -82,9 +82,25 @@ def run_wrk(url: str, body: str, headers: dict[str, str], connections: int, dura
         fh.write(lua)
     threads = min(2, connections)
     out = subprocess.run(
-        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "10s",
-         "--latency", "-s", fh.name, url],
-        capture_output=True, text=True, timeout=duration + 60, check=True,
+        [
+            "wrk",
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{duration}s",
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            fh.name,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
     ).stdout
     os.unlink(fh.name)
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
@@ -95,7 +111,13 @@ def run_wrk(url: str, body: str, headers: dict[str, str], connections: int, dura
     socket_errors = 0
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         socket_errors = sum(int(g) for g in m.groups())
-    return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "requests": requests, "errors": non2xx + socket_errors}
+    return {
+        "rps": rps,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "requests": requests,
+        "errors": non2xx + socket_errors,
+    }
 
 
 def setup_rollgate(work: Path) -> dict:
@@ -135,7 +157,10 @@ def setup_rollgate(work: Path) -> dict:
     registry_sync()
     mv = ModelVersion.objects.get(registered_model__name=MODEL, version=version)
     req = services.deployment_request_create(
-        requester=ds, model_version=mv, environment=Environment.objects.get(name="staging"), justification="benchmark"
+        requester=ds,
+        model_version=mv,
+        environment=Environment.objects.get(name="staging"),
+        justification="benchmark",
     )
     req.refresh_from_db()
     if req.status == DeploymentRequest.Status.AWAITING_REVIEW:
@@ -167,11 +192,18 @@ def served_ok(metrics_text: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--duration", type=int, default=15, help="seconds per run (default 15)")
     parser.add_argument("--connections", default="1,16,64", help="concurrency levels")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
-    parser.add_argument("--soak", type=int, default=0, help="also run Rollgate alone at 64 connections for this many seconds")
+    parser.add_argument(
+        "--soak",
+        type=int,
+        default=0,
+        help="also run Rollgate alone at 64 connections for this many seconds",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
@@ -188,22 +220,53 @@ def main() -> None:
 
     port = free_port()
     mlflow_proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/{setup['version']}",
-         "--env-manager", "local", "-w", "1", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL}/{setup['version']}",
+            "--env-manager",
+            "local",
+            "-w",
+            "1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", 120, mlflow_proc)
         for c in levels:
-            results["mlflow"][c] = run_wrk(f"http://127.0.0.1:{port}/invocations", setup["body"], {"Content-Type": "application/json"}, c, args.duration)
+            results["mlflow"][c] = run_wrk(
+                f"http://127.0.0.1:{port}/invocations",
+                setup["body"],
+                {"Content-Type": "application/json"},
+                c,
+                args.duration,
+            )
             print(f"mlflow   c={c:<3} {results['mlflow'][c]}", flush=True)
     finally:
         stop(mlflow_proc)
 
     port = free_port()
-    web_env = {**env, "PORT": str(port), "WEB_CONCURRENCY": str(args.workers), "GUNICORN_ACCESSLOG": "", "GUNICORN_LOGLEVEL": "warning",
-               "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus")}
-    web = subprocess.Popen([sys.executable, "-m", "gunicorn", "portal.wsgi", "-c", "portal/gunicorn_conf.py"], cwd=ROOT, env=web_env)
+    web_env = {
+        **env,
+        "PORT": str(port),
+        "WEB_CONCURRENCY": str(args.workers),
+        "GUNICORN_ACCESSLOG": "",
+        "GUNICORN_LOGLEVEL": "warning",
+        "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
+    }
+    web = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "portal.wsgi", "-c", "portal/gunicorn_conf.py"],
+        cwd=ROOT,
+        env=web_env,
+    )
     url = f"http://127.0.0.1:{port}/serving/{setup['endpoint']}/invocations"
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {setup['key']}"}
     try:
@@ -223,15 +286,26 @@ def main() -> None:
     lost = ok - rows
 
     print()
-    print(f"{'conns':>5} | {'mlflow rps':>10} {'p50 ms':>7} {'p99 ms':>7} | {'rollgate rps':>12} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>6}")
+    head = ("conns", "mlflow rps", "p50 ms", "p99 ms", "rollgate rps", "p50 ms", "p99 ms", "ratio")
+    print("{:>5} | {:>10} {:>7} {:>7} | {:>12} {:>7} {:>7} | {:>6}".format(*head))
     for c in levels:
         m, r = results["mlflow"][c], results["rollgate"][c]
-        print(f"{c:>5} | {m['rps']:>10.1f} {m['p50_ms']:>7.1f} {m['p99_ms']:>7.1f} | {r['rps']:>12.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} | {r['rps'] / max(m['rps'], 1e-9):>6.1f}")
+        ratio = r["rps"] / max(m["rps"], 1e-9)
+        print(
+            f"{c:>5} | {m['rps']:>10.1f} {m['p50_ms']:>7.1f} {m['p99_ms']:>7.1f} | "
+            f"{r['rps']:>12.1f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} | {ratio:>6.1f}"
+        )
     errors = sum(r["errors"] for r in results["rollgate"].values())
-    print(f"rollgate answered {ok} requests with 200, logged {rows} rows, {errors} errors (non-2xx + socket)")
+    print(
+        f"rollgate answered {ok} requests with 200, logged {rows} rows, {errors} errors (non-2xx + socket)"
+    )
     c16 = 16 if 16 in levels else levels[-1]
     ratio = results["rollgate"][c16]["rps"] / max(results["mlflow"][c16]["rps"], 1e-9)
-    print(f"serving: throughput_ratio_c16={ratio:.1f} p99_ms_c16={results['rollgate'][c16]['p99_ms']:.1f} errors={errors} lost_logs={lost}")
+    p99 = results["rollgate"][c16]["p99_ms"]
+    print(
+        f"serving: throughput_ratio_c16={ratio:.1f} p99_ms_c16={p99:.1f} "
+        f"errors={errors} lost_logs={lost}"
+    )
 
 
 if __name__ == "__main__":

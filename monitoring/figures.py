@@ -30,7 +30,9 @@ def endpoint_figures(series: pd.DataFrame) -> dict[str, dict[str, Any]]:
         requests.add_trace(go.Bar(x=x, y=group["requests"], name=name))
         latency.add_trace(go.Scatter(x=x, y=group["p50"], name=f"{name} p50", mode="lines+markers"))
         latency.add_trace(
-            go.Scatter(x=x, y=group["p95"], name=f"{name} p95", mode="lines+markers", line=dict(dash="dot"))
+            go.Scatter(
+                x=x, y=group["p95"], name=f"{name} p95", mode="lines+markers", line=dict(dash="dot")
+            )
         )
         accuracy.add_trace(
             go.Scatter(
@@ -45,4 +47,8 @@ def endpoint_figures(series: pd.DataFrame) -> dict[str, dict[str, Any]]:
     requests.update_layout(title="Requests", barmode="stack", **_LAYOUT)
     latency.update_layout(title="Latency (ms)", **_LAYOUT)
     accuracy.update_layout(title="Accuracy (labeled rows)", yaxis=dict(range=[0, 1.02]), **_LAYOUT)
-    return {"requests": _as_json(requests), "latency": _as_json(latency), "accuracy": _as_json(accuracy)}
+    return {
+        "requests": _as_json(requests),
+        "latency": _as_json(latency),
+        "accuracy": _as_json(accuracy),
+    }

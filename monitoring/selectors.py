@@ -64,8 +64,17 @@ def prediction_frame(endpoint: Endpoint) -> pd.DataFrame:
         "ground_truth__id",
     )
     records = [
-        (version, request_id, created_at, latency, gt_id is not None, gt_id is not None and label_matches(pred, label))
-        for version, request_id, created_at, latency, pred, label, gt_id in rows.iterator(chunk_size=5000)
+        (
+            version,
+            request_id,
+            created_at,
+            latency,
+            gt_id is not None,
+            gt_id is not None and label_matches(pred, label),
+        )
+        for version, request_id, created_at, latency, pred, label, gt_id in rows.iterator(
+            chunk_size=5000
+        )
     ]
     return pd.DataFrame.from_records(
         records, columns=["version", "request_id", "created_at", "latency_ms", "labeled", "correct"]
@@ -119,7 +128,9 @@ def time_series(frame: pd.DataFrame, window: str) -> pd.DataFrame:
     frame = frame.assign(window=frame["created_at"].dt.floor(WINDOWS[window]))
     per_request = frame.drop_duplicates("request_id")
     latency = per_request.groupby(["version", "window"])["latency_ms"]
-    labels = frame.groupby(["version", "window"]).agg(labeled=("labeled", "sum"), correct=("correct", "sum"))
+    labels = frame.groupby(["version", "window"]).agg(
+        labeled=("labeled", "sum"), correct=("correct", "sum")
+    )
     out = pd.DataFrame(
         {
             "requests": latency.size(),
@@ -127,5 +138,7 @@ def time_series(frame: pd.DataFrame, window: str) -> pd.DataFrame:
             "p95": latency.quantile(0.95),
         }
     ).join(labels)
-    out["accuracy"] = np.where(out["labeled"] > 0, out["correct"] / out["labeled"].where(out["labeled"] > 0), np.nan)
+    out["accuracy"] = np.where(
+        out["labeled"] > 0, out["correct"] / out["labeled"].where(out["labeled"] > 0), np.nan
+    )
     return out.reset_index()[columns]

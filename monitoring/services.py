@@ -77,7 +77,10 @@ def feedback_record(
     now = timezone.now()
     with transaction.atomic():
         GroundTruth.objects.bulk_create(
-            [GroundTruth(prediction_id=pk, label=label, received_at=now) for pk, label in labels.items()],
+            [
+                GroundTruth(prediction_id=pk, label=label, received_at=now)
+                for pk, label in labels.items()
+            ],
             update_conflicts=True,
             unique_fields=["prediction"],
             update_fields=["label", "received_at"],

@@ -116,7 +116,9 @@ def audit_verify() -> ChainReport:
             # Name the gap, so a reader knows where a removed event was.
             after = f"#{previous_id}" if previous_id is not None else "the start of the chain"
             return ChainReport(
-                False, checked, event.pk,
+                False,
+                checked,
+                event.pk,
                 f"the event before it (after {after}) is missing or altered",
             )
         if event_hash(event) != event.hash:

@@ -51,6 +51,9 @@ class AuditChainHead(models.Model):
     last_hash = models.CharField(max_length=64, default="0" * 64)
     length = models.PositiveBigIntegerField(default=0)
 
+    def __str__(self) -> str:
+        return f"audit chain of {self.length} events, head {self.last_hash[:12]}"
+
 
 class Team(models.Model):
     """A group of data scientists that owns registered models. Reviewers, managers and platform

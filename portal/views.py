@@ -40,8 +40,14 @@ def audit_trail(request: HttpRequest) -> HttpResponse:
             "filters": filters,
             "query": query.urlencode(),
             "actions": visible.order_by("action").values_list("action", flat=True).distinct(),
-            "models": visible.exclude(registered_model="").order_by("registered_model").values_list("registered_model", flat=True).distinct(),
-            "environments": visible.exclude(environment="").order_by("environment").values_list("environment", flat=True).distinct(),
+            "models": visible.exclude(registered_model="")
+            .order_by("registered_model")
+            .values_list("registered_model", flat=True)
+            .distinct(),
+            "environments": visible.exclude(environment="")
+            .order_by("environment")
+            .values_list("environment", flat=True)
+            .distinct(),
         },
     )
 
@@ -61,13 +67,41 @@ def audit_export(request: HttpRequest) -> HttpResponse:
     except BadFilter as exc:
         return HttpResponseBadRequest(str(exc))
     writer = csv.writer(_Echo())
-    header = ["id", "created_at", "actor", "action", "object_type", "object_id", "object", "registered_model", "environment", "before", "after", "prev_hash", "hash"]
+    header = [
+        "id",
+        "created_at",
+        "actor",
+        "action",
+        "object_type",
+        "object_id",
+        "object",
+        "registered_model",
+        "environment",
+        "before",
+        "after",
+        "prev_hash",
+        "hash",
+    ]
 
     def rows():
         yield writer.writerow(header)
         for e in events.iterator(chunk_size=2000):
             yield writer.writerow(
-                [e.pk, e.created_at.isoformat(), e.actor_label, e.action, e.object_type, e.object_id, e.object_repr, e.registered_model, e.environment, json.dumps(e.before), json.dumps(e.after), e.prev_hash, e.hash]
+                [
+                    e.pk,
+                    e.created_at.isoformat(),
+                    e.actor_label,
+                    e.action,
+                    e.object_type,
+                    e.object_id,
+                    e.object_repr,
+                    e.registered_model,
+                    e.environment,
+                    json.dumps(e.before),
+                    json.dumps(e.after),
+                    e.prev_hash,
+                    e.hash,
+                ]
             )
 
     response = StreamingHttpResponse(rows(), content_type="text/csv; charset=utf-8")

@@ -30,7 +30,9 @@ class RegisteredModelAdmin(ReadOnlyMirrorAdmin):
     readonly_fields = ["name", "description", "aliases", "synced_at"]
 
     def has_change_permission(self, request, obj=None):
-        return request.user.is_superuser or request.user.groups.filter(name="platform admins").exists()
+        return (
+            request.user.is_superuser or request.user.groups.filter(name="platform admins").exists()
+        )
 
     def save_model(self, request, obj, form, change):
         if "team" in form.changed_data:

@@ -65,7 +65,9 @@ def signature_diff(old: dict[str, Any] | None, new: dict[str, Any] | None) -> Si
     changes: list[ColumnChange] = []
     for name in sorted(after.keys() - before.keys()):
         required = after[name].get("required", True)
-        changes.append(ColumnChange(name, "added", None, after[name].get("type"), breaking=required))
+        changes.append(
+            ColumnChange(name, "added", None, after[name].get("type"), breaking=required)
+        )
     for name in sorted(before.keys() - after.keys()):
         changes.append(ColumnChange(name, "removed", before[name].get("type"), None, breaking=True))
     for name in sorted(before.keys() & after.keys()):
@@ -73,7 +75,10 @@ def signature_diff(old: dict[str, Any] | None, new: dict[str, Any] | None) -> Si
         if old_type != new_type:
             ok = new_type in COMPATIBLE_TYPES.get(old_type or "", frozenset({old_type}))
             changes.append(ColumnChange(name, "type", old_type, new_type, breaking=not ok))
-        was_required, is_required = before[name].get("required", True), after[name].get("required", True)
+        was_required, is_required = (
+            before[name].get("required", True),
+            after[name].get("required", True),
+        )
         if is_required and not was_required:
             changes.append(ColumnChange(name, "required", "optional", "required", breaking=True))
     outputs_changed = (old or {}).get("outputs") != (new or {}).get("outputs")
@@ -102,6 +107,8 @@ def metric_rows(candidate: dict[str, float], champion: dict[str, float] | None) 
     ]
 
 
-def param_rows(a: dict[str, str], b: dict[str, str]) -> list[tuple[str, str | None, str | None, bool]]:
+def param_rows(
+    a: dict[str, str], b: dict[str, str]
+) -> list[tuple[str, str | None, str | None, bool]]:
     """(name, a's value, b's value, differs) for every param of either version."""
     return [(k, a.get(k), b.get(k), a.get(k) != b.get(k)) for k in sorted(set(a) | set(b))]

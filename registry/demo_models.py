@@ -59,7 +59,9 @@ def make_estimator(kind: str):
     raise ValueError(f"unknown model kind {kind!r}; use 'logistic' or 'forest'")
 
 
-def train_and_register(kind: str, registered_model_name: str, *, team: str | None = "diagnostics") -> int:
+def train_and_register(
+    kind: str, registered_model_name: str, *, team: str | None = "diagnostics"
+) -> int:
     """Train ``kind`` on the train split, log it to MLflow and register it; returns the new
     version number. Metrics are computed on the held-out test split. ``team`` is set as the
     registered model's MLflow tag ``team``, which Rollgate reads as the owning team."""
@@ -86,7 +88,9 @@ def train_and_register(kind: str, registered_model_name: str, *, team: str | Non
     }
     with mlflow.start_run(run_name=f"{kind}-classifier"):
         mlflow.log_params({"model_kind": kind, "split_seed": SPLIT_SEED, "test_size": TEST_SIZE})
-        mlflow.log_params({k: v for k, v in model.get_params().items() if isinstance(v, int | float | str | bool)})
+        mlflow.log_params(
+            {k: v for k, v in model.get_params().items() if isinstance(v, int | float | str | bool)}
+        )
         mlflow.log_metrics(metrics)
         info = mlflow.sklearn.log_model(
             model,

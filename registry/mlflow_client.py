@@ -303,16 +303,24 @@ def ensure_webhook(
                 break
         if len(same_name) > 1:
             ids = ", ".join(w.webhook_id for w in same_name)
-            raise RegistryError(f"MLflow has {len(same_name)} webhooks named {name!r} ({ids}); "
-                                "delete all but one")
+            raise RegistryError(
+                f"MLflow has {len(same_name)} webhooks named {name!r} ({ids}); delete all but one"
+            )
         if same_name:
             webhook = client.update_webhook(
-                same_name[0].webhook_id, url=url, events=list(events), secret=secret,
+                same_name[0].webhook_id,
+                url=url,
+                events=list(events),
+                secret=secret,
                 status="ACTIVE",
             )
         else:
             webhook = client.create_webhook(
-                name=name, url=url, events=list(events), secret=secret, status="ACTIVE",
+                name=name,
+                url=url,
+                events=list(events),
+                secret=secret,
+                status="ACTIVE",
                 description="Rollgate: mirror the model registry when it changes",
             )
     except MlflowException as exc:

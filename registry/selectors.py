@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from django.db.models import Count, Max, Q, QuerySet
-
 from django.contrib.auth.models import AnonymousUser, User
+from django.db.models import Count, Max, Q, QuerySet
 
 from portal.roles import can_request_deployment, sees_all_teams
 from registry.models import ModelVersion, RegisteredModel

@@ -62,7 +62,12 @@ def _write_mirror(
     actor: User | None,
 ) -> SyncResult:
     now = timezone.now()
-    counts = {"models_created": 0, "versions_created": 0, "versions_updated": 0, "aliases_changed": 0}
+    counts = {
+        "models_created": 0,
+        "versions_created": 0,
+        "versions_updated": 0,
+        "aliases_changed": 0,
+    }
     for rm in remote:
         model, created = RegisteredModel.objects.select_for_update().get_or_create(
             name=rm.name, defaults={"synced_at": now}
@@ -129,7 +134,9 @@ def registry_set_alias(*, model_version: ModelVersion, alias: str, actor: User |
     name = model_version.registered_model.name
     mlflow_client.set_alias(name, alias, model_version.version)
     with transaction.atomic():
-        model = RegisteredModel.objects.select_for_update().get(pk=model_version.registered_model_id)
+        model = RegisteredModel.objects.select_for_update().get(
+            pk=model_version.registered_model_id
+        )
         before = model.aliases.get(alias)
         model.aliases = {**model.aliases, alias: model_version.version}
         model.save(update_fields=["aliases"])

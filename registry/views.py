@@ -11,8 +11,8 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from portal.roles import can_sync_registry
 from portal.models import Team
+from portal.roles import can_sync_registry
 from registry import compare as compare_versions
 from registry import selectors, tasks
 from registry.models import ModelVersion

@@ -5,7 +5,14 @@ from django.core.exceptions import ValidationError
 
 from portal.audit import audit_record
 from rollouts import services
-from rollouts.models import ApiKey, Deployment, DeploymentRequest, Endpoint, Environment, FreezeWindow
+from rollouts.models import (
+    ApiKey,
+    Deployment,
+    DeploymentRequest,
+    Endpoint,
+    Environment,
+    FreezeWindow,
+)
 
 
 @admin.register(Environment)
@@ -13,7 +20,15 @@ class EnvironmentAdmin(admin.ModelAdmin):
     """Platform admins edit approval policies here; a change is saved (and audited) by
     ``services.environment_policy_update``."""
 
-    list_display = ["name", "order", "required_approvals", "approver_group", "requires_live_in", "metric_tolerance", "request_expiry_days"]
+    list_display = [
+        "name",
+        "order",
+        "required_approvals",
+        "approver_group",
+        "requires_live_in",
+        "metric_tolerance",
+        "request_expiry_days",
+    ]
     fields = ["name", "description", "order", *Environment.POLICY_FIELDS]
 
     def get_readonly_fields(self, request, obj=None):
@@ -22,13 +37,23 @@ class EnvironmentAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if not change:
             super().save_model(request, obj, form, change)
-            audit_record(actor=request.user, action="environment.created", obj=obj, environment=obj.name, after=obj.policy())
+            audit_record(
+                actor=request.user,
+                action="environment.created",
+                obj=obj,
+                environment=obj.name,
+                after=obj.policy(),
+            )
             return
-        policy_changes = {f: form.cleaned_data[f] for f in Environment.POLICY_FIELDS if f in form.changed_data}
+        policy_changes = {
+            f: form.cleaned_data[f] for f in Environment.POLICY_FIELDS if f in form.changed_data
+        }
         Environment.objects.filter(pk=obj.pk).update(description=obj.description, order=obj.order)
         if policy_changes:
             try:
-                services.environment_policy_update(environment_id=obj.pk, actor=request.user, changes=policy_changes)
+                services.environment_policy_update(
+                    environment_id=obj.pk, actor=request.user, changes=policy_changes
+                )
             except ValidationError as exc:
                 messages.error(request, " ".join(exc.messages))
 
@@ -43,7 +68,11 @@ class FreezeWindowAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         window = services.freeze_window_create(
-            environment=obj.environment, actor=request.user, starts_at=obj.starts_at, ends_at=obj.ends_at, reason=obj.reason
+            environment=obj.environment,
+            actor=request.user,
+            starts_at=obj.starts_at,
+            ends_at=obj.ends_at,
+            reason=obj.reason,
         )
         obj.pk = window.pk
 

@@ -16,4 +16,6 @@ class DeploymentRequestForm(forms.Form):
 
 
 class ReviewForm(forms.Form):
-    comment = forms.CharField(widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=4000)
+    comment = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=4000
+    )

@@ -23,7 +23,13 @@ PREDICTS_ON_EXAMPLE = "predicts_on_example"
 SIGNATURE_COMPATIBLE = "signature_compatible"
 METRICS_WITHIN_TOLERANCE = "metrics_within_tolerance"
 DIGEST_STABLE = "digest_stable"
-ALL_GATES = (MODEL_LOADS, PREDICTS_ON_EXAMPLE, SIGNATURE_COMPATIBLE, METRICS_WITHIN_TOLERANCE, DIGEST_STABLE)
+ALL_GATES = (
+    MODEL_LOADS,
+    PREDICTS_ON_EXAMPLE,
+    SIGNATURE_COMPATIBLE,
+    METRICS_WITHIN_TOLERANCE,
+    DIGEST_STABLE,
+)
 GATE_LABELS = {
     MODEL_LOADS: "Model loads",
     PREDICTS_ON_EXAMPLE: "Predicts on its input example",
@@ -76,7 +82,9 @@ def run_gates(
         MODEL_LOADS: lambda: _model_loads(candidate, state),
         PREDICTS_ON_EXAMPLE: lambda: _predicts_on_example(candidate, state),
         SIGNATURE_COMPATIBLE: lambda: _signature_compatible(candidate, champion),
-        METRICS_WITHIN_TOLERANCE: lambda: _metrics_within_tolerance(candidate, champion, metric_tolerance),
+        METRICS_WITHIN_TOLERANCE: lambda: _metrics_within_tolerance(
+            candidate, champion, metric_tolerance
+        ),
         DIGEST_STABLE: lambda: _digest_stable(candidate, digest),
     }
     wanted = [g for g in ALL_GATES if g in set(gates)]
@@ -86,16 +94,22 @@ def run_gates(
     for name in wanted:
         started = time.perf_counter()
         outcome = checks[name]()
-        outcomes.append(GateOutcome(**{**outcome.__dict__, "seconds": round(time.perf_counter() - started, 3)}))
+        outcomes.append(
+            GateOutcome(**{**outcome.__dict__, "seconds": round(time.perf_counter() - started, 3)})
+        )
     return GateRun(digest, outcomes)
 
 
 def _model_loads(candidate: ModelVersion, state: dict[str, Any]) -> GateOutcome:
     try:
-        state["model"] = mlflow_client.load_pyfunc(candidate.registered_model.name, candidate.version)
+        state["model"] = mlflow_client.load_pyfunc(
+            candidate.registered_model.name, candidate.version
+        )
     except mlflow_client.RegistryError as exc:
         return GateOutcome(MODEL_LOADS, False, str(exc)[:500])
-    return GateOutcome(MODEL_LOADS, True, f"loaded with flavors {', '.join(candidate.flavors) or 'pyfunc'}")
+    return GateOutcome(
+        MODEL_LOADS, True, f"loaded with flavors {', '.join(candidate.flavors) or 'pyfunc'}"
+    )
 
 
 def _predicts_on_example(candidate: ModelVersion, state: dict[str, Any]) -> GateOutcome:
@@ -103,19 +117,35 @@ def _predicts_on_example(candidate: ModelVersion, state: dict[str, Any]) -> Gate
     if model is None:
         return GateOutcome(PREDICTS_ON_EXAMPLE, False, "skipped: the model did not load")
     if not candidate.input_example:
-        return GateOutcome(PREDICTS_ON_EXAMPLE, False, "the version was logged without an input example")
+        return GateOutcome(
+            PREDICTS_ON_EXAMPLE, False, "the version was logged without an input example"
+        )
     try:
-        parsed = parse_request(json.dumps(candidate.input_example).encode(), "application/json", candidate.signature)
+        parsed = parse_request(
+            json.dumps(candidate.input_example).encode(), "application/json", candidate.signature
+        )
     except InputError as exc:
-        return GateOutcome(PREDICTS_ON_EXAMPLE, False, f"the input example does not match the signature: {exc.message}")
+        return GateOutcome(
+            PREDICTS_ON_EXAMPLE,
+            False,
+            f"the input example does not match the signature: {exc.message}",
+        )
     try:
-        raw = model.predict(parsed.frame, params=parsed.params) if parsed.params else model.predict(parsed.frame)
+        raw = (
+            model.predict(parsed.frame, params=parsed.params)
+            if parsed.params
+            else model.predict(parsed.frame)
+        )
         predictions = predictions_to_jsonable(raw)
     except Exception as exc:  # a model's predict can raise anything
-        return GateOutcome(PREDICTS_ON_EXAMPLE, False, f"predict raised {type(exc).__name__}: {str(exc)[:300]}")
+        return GateOutcome(
+            PREDICTS_ON_EXAMPLE, False, f"predict raised {type(exc).__name__}: {str(exc)[:300]}"
+        )
     if len(predictions) != len(parsed.frame):
         return GateOutcome(
-            PREDICTS_ON_EXAMPLE, False, f"{len(parsed.frame)} rows gave {len(predictions)} predictions"
+            PREDICTS_ON_EXAMPLE,
+            False,
+            f"{len(parsed.frame)} rows gave {len(predictions)} predictions",
         )
     return GateOutcome(
         PREDICTS_ON_EXAMPLE,
@@ -137,7 +167,12 @@ def _signature_compatible(candidate: ModelVersion, champion: ModelVersion | None
         if not diff.changes
         else f"{len(diff.changes)} change(s) from v{champion.version}, {len(breaking)} breaking"
     )
-    return GateOutcome(SIGNATURE_COMPATIBLE, diff.compatible, summary, {"champion": champion.version, **diff.as_dict()})
+    return GateOutcome(
+        SIGNATURE_COMPATIBLE,
+        diff.compatible,
+        summary,
+        {"champion": champion.version, **diff.as_dict()},
+    )
 
 
 def _metrics_within_tolerance(
@@ -154,22 +189,43 @@ def _metrics_within_tolerance(
             ok = row.candidate is not None and row.candidate >= row.champion - tolerance
             if not ok:
                 failures.append(row.name)
-        rows.append({"metric": row.name, "candidate": row.candidate, "champion": row.champion, "delta": row.delta, "gated": gated, "ok": ok})
+        rows.append(
+            {
+                "metric": row.name,
+                "candidate": row.candidate,
+                "champion": row.champion,
+                "delta": row.delta,
+                "gated": gated,
+                "ok": ok,
+            }
+        )
     summary = (
         f"no gated metric dropped more than {tolerance:g} below v{champion.version}"
         if not failures
         else f"{', '.join(failures)} dropped more than {tolerance:g} below v{champion.version}"
     )
     return GateOutcome(
-        METRICS_WITHIN_TOLERANCE, not failures, summary, {"champion": champion.version, "tolerance": tolerance, "metrics": rows}
+        METRICS_WITHIN_TOLERANCE,
+        not failures,
+        summary,
+        {"champion": champion.version, "tolerance": tolerance, "metrics": rows},
     )
 
 
 def _digest_stable(candidate: ModelVersion, digest_before: str) -> GateOutcome:
     try:
-        digest_after = mlflow_client.artifact_digest(candidate.registered_model.name, candidate.version)
+        digest_after = mlflow_client.artifact_digest(
+            candidate.registered_model.name, candidate.version
+        )
     except mlflow_client.RegistryError as exc:
         return GateOutcome(DIGEST_STABLE, False, str(exc)[:500])
     if digest_after != digest_before:
-        return GateOutcome(DIGEST_STABLE, False, "the artifacts changed while the gates ran", {"before": digest_before, "after": digest_after})
-    return GateOutcome(DIGEST_STABLE, True, f"sha256:{digest_before[:16]}…", {"digest": digest_before})
+        return GateOutcome(
+            DIGEST_STABLE,
+            False,
+            "the artifacts changed while the gates ran",
+            {"before": digest_before, "after": digest_after},
+        )
+    return GateOutcome(
+        DIGEST_STABLE, True, f"sha256:{digest_before[:16]}…", {"digest": digest_before}
+    )

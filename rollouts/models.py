@@ -52,7 +52,9 @@ class Environment(models.Model):
         related_name="+",
         help_text="promotion path: the same version must have been live there first",
     )
-    gates = models.JSONField(default=default_gates, blank=True, help_text="names of the gates to run")
+    gates = models.JSONField(
+        default=default_gates, blank=True, help_text="names of the gates to run"
+    )
     metric_tolerance = models.FloatField(
         default=0.0,
         validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
@@ -96,7 +98,9 @@ class FreezeWindow(models.Model):
     """No release to the environment between ``starts_at`` and ``ends_at`` unless a platform
     admin overrides it on a request, with a reason."""
 
-    environment = models.ForeignKey(Environment, on_delete=models.CASCADE, related_name="freeze_windows")
+    environment = models.ForeignKey(
+        Environment, on_delete=models.CASCADE, related_name="freeze_windows"
+    )
     starts_at = models.DateTimeField()
     ends_at = models.DateTimeField()
     reason = models.CharField(max_length=255)
@@ -104,7 +108,10 @@ class FreezeWindow(models.Model):
     class Meta:
         ordering = ["starts_at"]
         constraints = [
-            models.CheckConstraint(condition=models.Q(ends_at__gt=models.F("starts_at")), name="freeze_ends_after_start")
+            models.CheckConstraint(
+                condition=models.Q(ends_at__gt=models.F("starts_at")),
+                name="freeze_ends_after_start",
+            )
         ]
 
     def __str__(self) -> str:
@@ -120,7 +127,9 @@ class Endpoint(models.Model):
         RegisteredModel, on_delete=models.PROTECT, related_name="endpoints"
     )
     max_body_bytes = models.PositiveIntegerField(
-        null=True, blank=True, help_text="largest scoring request body; empty: SERVING_MAX_BODY_BYTES"
+        null=True,
+        blank=True,
+        help_text="largest scoring request body; empty: SERVING_MAX_BODY_BYTES",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -181,7 +190,9 @@ class DeploymentRequest(models.Model):
         Status.ROLLED_BACK: frozenset(),
     }
     # Not yet decided or deployed: counts as "open" for duplicates and expiry.
-    ACTIVE = frozenset({Status.PENDING_GATES, Status.AWAITING_REVIEW, Status.APPROVED, Status.DEPLOYING})
+    ACTIVE = frozenset(
+        {Status.PENDING_GATES, Status.AWAITING_REVIEW, Status.APPROVED, Status.DEPLOYING}
+    )
     UNDECIDED = frozenset({Status.PENDING_GATES, Status.AWAITING_REVIEW})
     TERMINAL = frozenset(
         {
@@ -274,7 +285,9 @@ class Review(models.Model):
 class GateResult(models.Model):
     """Evidence from one automated gate, bound to the artifact digest it checked."""
 
-    request = models.ForeignKey(DeploymentRequest, on_delete=models.CASCADE, related_name="gate_results")
+    request = models.ForeignKey(
+        DeploymentRequest, on_delete=models.CASCADE, related_name="gate_results"
+    )
     name = models.CharField(max_length=64)
     passed = models.BooleanField()
     summary = models.CharField(max_length=1000)
@@ -300,7 +313,9 @@ class GateResult(models.Model):
 
 
 class Comment(models.Model):
-    request = models.ForeignKey(DeploymentRequest, on_delete=models.CASCADE, related_name="comments")
+    request = models.ForeignKey(
+        DeploymentRequest, on_delete=models.CASCADE, related_name="comments"
+    )
     author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     body = models.TextField(max_length=4000)
     created_at = models.DateTimeField(auto_now_add=True)

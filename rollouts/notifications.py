@@ -41,7 +41,9 @@ def send(*, request_id: int, event: str) -> int:
     Returns the number of messages sent; 0 for an unknown request, event or no recipient.
     """
     req = (
-        DeploymentRequest.objects.select_related("model_version__registered_model", "endpoint__environment", "requester")
+        DeploymentRequest.objects.select_related(
+            "model_version__registered_model", "endpoint__environment", "requester"
+        )
         .filter(pk=request_id)
         .first()
     )
@@ -56,7 +58,9 @@ def send(*, request_id: int, event: str) -> int:
             f"{req.requester.get_username()} asks to deploy {what}.\n\n"
             f"Justification: {req.justification}\n\nThe gates passed. Review it at {link}\n"
         )
-        messages = [(subject, body, settings.DEFAULT_FROM_EMAIL, [address]) for address in recipients]
+        messages = [
+            (subject, body, settings.DEFAULT_FROM_EMAIL, [address]) for address in recipients
+        ]
     elif event in REQUESTER_EVENTS and req.requester.email:
         subject = f"[Rollgate] Request #{req.pk} {REQUESTER_EVENTS[event]}: {what}"
         reason = f"\n\n{req.status_reason}" if req.status_reason else ""

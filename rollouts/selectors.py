@@ -58,7 +58,9 @@ def review_queue(user: User | AnonymousUser) -> QuerySet[DeploymentRequest]:
     )
 
 
-def endpoints_with_live_versions(user: User | AnonymousUser) -> list[tuple[Endpoint, list[Deployment]]]:
+def endpoints_with_live_versions(
+    user: User | AnonymousUser,
+) -> list[tuple[Endpoint, list[Deployment]]]:
     endpoints = endpoints_visible_to(user).prefetch_related(
         Prefetch(
             "deployments",
@@ -84,5 +86,7 @@ def traffic_timeline(endpoint: Endpoint) -> list[dict[str, object]]:
     for i, event in enumerate(events):
         end = events[i + 1].created_at if i + 1 < len(events) else None
         traffic = (event.after or {}).get("traffic", {})
-        rows.append({"start": event.created_at, "end": end, "traffic": traffic, "actor": event.actor_label})
+        rows.append(
+            {"start": event.created_at, "end": end, "traffic": traffic, "actor": event.actor_label}
+        )
     return rows

@@ -87,7 +87,13 @@ def _locked_request(request_id: int) -> DeploymentRequest:
     )
 
 
-def _audit(req: DeploymentRequest, action: str, actor: User | None, before: dict | None = None, after: dict | None = None) -> None:
+def _audit(
+    req: DeploymentRequest,
+    action: str,
+    actor: User | None,
+    before: dict | None = None,
+    after: dict | None = None,
+) -> None:
     audit_record(
         actor=actor,
         action=action,
@@ -170,14 +176,21 @@ def deployment_request_create(
         raise ValidationError({"justification": "Say why this version should be deployed."})
     if model_version.status != "READY":
         raise ValidationError(
-            {"model_version": f"{model_version} is {model_version.status or 'not ready'} in MLflow."}
+            {
+                "model_version": f"{model_version} is {model_version.status or 'not ready'} in MLflow."
+            }
         )
     prior = environment.requires_live_in
-    if prior is not None and not Deployment.objects.filter(
-        model_version=model_version, endpoint__environment=prior, live_at__isnull=False
-    ).exists():
+    if (
+        prior is not None
+        and not Deployment.objects.filter(
+            model_version=model_version, endpoint__environment=prior, live_at__isnull=False
+        ).exists()
+    ):
         raise ValidationError(
-            {"environment": f"{environment.name} requires v{model_version.version} to have been live in {prior.name} first."}
+            {
+                "environment": f"{environment.name} requires v{model_version.version} to have been live in {prior.name} first."
+            }
         )
     endpoint = endpoint_for(model_version=model_version, environment=environment)
     # Lock the endpoint row so that concurrent creates for it queue here: on PostgreSQL a
@@ -216,18 +229,24 @@ def deployment_request_create(
     return req
 
 
-def deployment_request_resubmit(*, request_id: int, requester: User, justification: str) -> DeploymentRequest:
+def deployment_request_resubmit(
+    *, request_id: int, requester: User, justification: str
+) -> DeploymentRequest:
     """Ask again after a rejection (or failed gates, expiry, cancellation, failure): a new
     request for the same version and environment, linked to the old one.
 
     Raises: PermissionDenied (not the original requester), InvalidTransition (the old request
     is still open or went live), and what :func:`deployment_request_create` raises.
     """
-    old = DeploymentRequest.objects.select_related("model_version__registered_model__team", "endpoint__environment").get(pk=request_id)
+    old = DeploymentRequest.objects.select_related(
+        "model_version__registered_model__team", "endpoint__environment"
+    ).get(pk=request_id)
     if old.requester_id != requester.pk:
         raise PermissionDenied("Only the original requester can ask again.")
     if old.status not in DeploymentRequest.RESUBMITTABLE:
-        raise InvalidTransition(f"Request #{old.pk} is {old.get_status_display().lower()}; there is nothing to ask again.")
+        raise InvalidTransition(
+            f"Request #{old.pk} is {old.get_status_display().lower()}; there is nothing to ask again."
+        )
     return deployment_request_create(
         requester=requester,
         model_version=old.model_version,
@@ -257,7 +276,9 @@ def deployment_request_run_gates(*, request_id: int) -> DeploymentRequest:
     if champion is not None and champion.pk == req.model_version_id:
         champion = None  # re-deploying the live version: nothing to compare with
     try:
-        run = gates.run_gates(req.model_version, champion, gates=env.gates, metric_tolerance=env.metric_tolerance)
+        run = gates.run_gates(
+            req.model_version, champion, gates=env.gates, metric_tolerance=env.metric_tolerance
+        )
         outcomes, digest = run.outcomes, run.artifact_digest
     except mlflow_client.RegistryError as exc:
         outcomes = [gates.GateOutcome("artifacts_readable", False, str(exc)[:500])]
@@ -266,13 +287,23 @@ def deployment_request_run_gates(*, request_id: int) -> DeploymentRequest:
 
 
 @transaction.atomic
-def _record_gates(request_id: int, outcomes: list[gates.GateOutcome], digest: str) -> DeploymentRequest:
+def _record_gates(
+    request_id: int, outcomes: list[gates.GateOutcome], digest: str
+) -> DeploymentRequest:
     req = _locked_request(request_id)
     if req.status != Status.PENDING_GATES:
         return req
     GateResult.objects.filter(request=req).delete()
     GateResult.objects.bulk_create(
-        GateResult(request=req, name=o.name, passed=o.passed, summary=o.summary[:1000], details=o.details, artifact_digest=digest, seconds=o.seconds)
+        GateResult(
+            request=req,
+            name=o.name,
+            passed=o.passed,
+            summary=o.summary[:1000],
+            details=o.details,
+            artifact_digest=digest,
+            seconds=o.seconds,
+        )
         for o in outcomes
     )
     failed = [o.name for o in outcomes if not o.passed]
@@ -284,7 +315,17 @@ def _record_gates(request_id: int, outcomes: list[gates.GateOutcome], digest: st
     else:
         old = _transition(req, Status.AWAITING_REVIEW)
         action, event = "request.gates_passed", "awaiting_review"
-    _audit(req, action, None, before={"status": old}, after={"status": req.status, "artifact_digest": digest, "gates": {o.name: o.passed for o in outcomes}})
+    _audit(
+        req,
+        action,
+        None,
+        before={"status": old},
+        after={
+            "status": req.status,
+            "artifact_digest": digest,
+            "gates": {o.name: o.passed for o in outcomes},
+        },
+    )
     _notify(req.pk, event)
     return req
 
@@ -303,7 +344,9 @@ def _check_reviewer(req: DeploymentRequest, reviewer: User) -> None:
         raise SeparationOfDutiesError("You requested this deployment, so you cannot review it.")
     group = approver_group_name(req.endpoint.environment)
     if not reviewer.is_authenticated or not reviewer.groups.filter(name=group).exists():
-        raise PermissionDenied(f"Only members of {group!r} can review {req.endpoint.environment.name} releases.")
+        raise PermissionDenied(
+            f"Only members of {group!r} can review {req.endpoint.environment.name} releases."
+        )
 
 
 def _check_not_reviewed(req: DeploymentRequest, reviewer: User) -> None:
@@ -311,7 +354,9 @@ def _check_not_reviewed(req: DeploymentRequest, reviewer: User) -> None:
         raise Conflict(f"You have already reviewed request #{req.pk}; one person counts once.")
 
 
-def deployment_request_approve(*, request_id: int, reviewer: User, comment: str = "") -> DeploymentRequest:
+def deployment_request_approve(
+    *, request_id: int, reviewer: User, comment: str = ""
+) -> DeploymentRequest:
     """Record an approval; the N-th distinct approval (N from the environment's policy) approves
     the request and, once the transaction commits, launches its deployment.
 
@@ -325,14 +370,20 @@ def deployment_request_approve(*, request_id: int, reviewer: User, comment: str 
         Conflict: already reviewed by this person, artifacts changed, or a freeze window (409).
         mlflow_client.RegistryError: the artifacts cannot be read to check the digest.
     """
-    req = DeploymentRequest.objects.select_related("model_version__registered_model", "endpoint__environment").get(pk=request_id)
+    req = DeploymentRequest.objects.select_related(
+        "model_version__registered_model", "endpoint__environment"
+    ).get(pk=request_id)
     _check_reviewer(req, reviewer)  # refuse early, before reading artifacts
-    current_digest = mlflow_client.artifact_digest(req.model_version.registered_model.name, req.model_version.version)
+    current_digest = mlflow_client.artifact_digest(
+        req.model_version.registered_model.name, req.model_version.version
+    )
     return _approve(request_id, reviewer, comment, current_digest)
 
 
 @transaction.atomic
-def _approve(request_id: int, reviewer: User, comment: str, current_digest: str) -> DeploymentRequest:
+def _approve(
+    request_id: int, reviewer: User, comment: str, current_digest: str
+) -> DeploymentRequest:
     from rollouts import tasks
 
     req = _locked_request(request_id)
@@ -358,19 +409,34 @@ def _approve(request_id: int, reviewer: User, comment: str, current_digest: str)
                 f"{env.name} is frozen until {freeze.ends_at:%Y-%m-%d %H:%M} UTC ({freeze.reason}); "
                 "a platform admin can override the freeze for this request."
             )
-    Review.objects.create(request=req, reviewer=reviewer, decision=Review.Decision.APPROVE, comment=comment)
+    Review.objects.create(
+        request=req, reviewer=reviewer, decision=Review.Decision.APPROVE, comment=comment
+    )
     if not final:
-        _audit(req, "request.approval_recorded", reviewer, after={"approvals": approvals, "required": env.required_approvals, "comment": comment})
+        _audit(
+            req,
+            "request.approval_recorded",
+            reviewer,
+            after={"approvals": approvals, "required": env.required_approvals, "comment": comment},
+        )
         return req
     old = _transition(req, Status.APPROVED)
-    _audit(req, "request.approved", reviewer, before={"status": old}, after={"status": req.status, "approvals": approvals, "comment": comment})
+    _audit(
+        req,
+        "request.approved",
+        reviewer,
+        before={"status": old},
+        after={"status": req.status, "approvals": approvals, "comment": comment},
+    )
     _notify(req.pk, "approved")
     transaction.on_commit(lambda: tasks.execute_deployment.delay(req.pk))
     return req
 
 
 @transaction.atomic
-def deployment_request_reject(*, request_id: int, reviewer: User, comment: str) -> DeploymentRequest:
+def deployment_request_reject(
+    *, request_id: int, reviewer: User, comment: str
+) -> DeploymentRequest:
     """Reject a request; a comment is required so the requester learns why. One rejection from
     an eligible reviewer is enough.
 
@@ -384,8 +450,16 @@ def deployment_request_reject(*, request_id: int, reviewer: User, comment: str) 
     if req.status == Status.AWAITING_REVIEW:
         _check_not_reviewed(req, reviewer)
     old = _transition(req, Status.REJECTED, reason=comment.strip())
-    Review.objects.create(request=req, reviewer=reviewer, decision=Review.Decision.REJECT, comment=comment)
-    _audit(req, "request.rejected", reviewer, before={"status": old}, after={"status": req.status, "comment": comment})
+    Review.objects.create(
+        request=req, reviewer=reviewer, decision=Review.Decision.REJECT, comment=comment
+    )
+    _audit(
+        req,
+        "request.rejected",
+        reviewer,
+        before={"status": old},
+        after={"status": req.status, "comment": comment},
+    )
     _notify(req.pk, "rejected")
     return req
 
@@ -416,7 +490,9 @@ def deployment_request_comment(*, request_id: int, author: User, body: str) -> C
 
 
 @transaction.atomic
-def deployment_request_override_freeze(*, request_id: int, actor: User, reason: str) -> DeploymentRequest:
+def deployment_request_override_freeze(
+    *, request_id: int, actor: User, reason: str
+) -> DeploymentRequest:
     """A platform admin lets this request be released during a freeze window, with a reason.
 
     Raises: PermissionDenied (not a platform admin), ValidationError (no reason),
@@ -428,7 +504,9 @@ def deployment_request_override_freeze(*, request_id: int, actor: User, reason: 
         raise ValidationError({"reason": "Say why this release cannot wait for the freeze to end."})
     req = _locked_request(request_id)
     if req.status not in DeploymentRequest.UNDECIDED:
-        raise InvalidTransition(f"Request #{req.pk} is {req.get_status_display().lower()}; a freeze override no longer applies.")
+        raise InvalidTransition(
+            f"Request #{req.pk} is {req.get_status_display().lower()}; a freeze override no longer applies."
+        )
     req.freeze_override_reason, req.freeze_override_by = reason.strip(), actor
     req.save(update_fields=["freeze_override_reason", "freeze_override_by", "updated_at"])
     _audit(req, "request.freeze_overridden", actor, after={"reason": req.freeze_override_reason})
@@ -439,21 +517,29 @@ def deployment_requests_expire(*, now: datetime | None = None) -> list[int]:
     """Expire every undecided request whose ``expires_at`` has passed; returns their ids."""
     now = now or timezone.now()
     expired = []
-    due = DeploymentRequest.objects.filter(status__in=DeploymentRequest.UNDECIDED, expires_at__lte=now)
+    due = DeploymentRequest.objects.filter(
+        status__in=DeploymentRequest.UNDECIDED, expires_at__lte=now
+    )
     for request_id in due.values_list("pk", flat=True):
         with transaction.atomic():
             req = _locked_request(request_id)
             if req.status not in DeploymentRequest.UNDECIDED:
                 continue  # decided meanwhile
-            old = _transition(req, Status.EXPIRED, reason=f"not decided by {req.expires_at:%Y-%m-%d %H:%M} UTC")
-            _audit(req, "request.expired", None, before={"status": old}, after={"status": req.status})
+            old = _transition(
+                req, Status.EXPIRED, reason=f"not decided by {req.expires_at:%Y-%m-%d %H:%M} UTC"
+            )
+            _audit(
+                req, "request.expired", None, before={"status": old}, after={"status": req.status}
+            )
             _notify(req.pk, "expired")
             expired.append(request_id)
     return expired
 
 
 @transaction.atomic
-def environment_policy_update(*, environment_id: int, actor: User, changes: dict[str, object]) -> Environment:
+def environment_policy_update(
+    *, environment_id: int, actor: User, changes: dict[str, object]
+) -> Environment:
     """Change an environment's approval policy (fields of ``Environment.POLICY_FIELDS``), with
     one audit event holding the policy before and after.
 
@@ -469,9 +555,17 @@ def environment_policy_update(*, environment_id: int, actor: User, changes: dict
     before = env.policy()
     for field, value in changes.items():
         setattr(env, field, value)
-    bad_gates = sorted(set(env.gates) - set(gates.ALL_GATES)) if isinstance(env.gates, list) else ["(not a list)"]
+    bad_gates = (
+        sorted(set(env.gates) - set(gates.ALL_GATES))
+        if isinstance(env.gates, list)
+        else ["(not a list)"]
+    )
     if bad_gates:
-        raise ValidationError({"gates": f"Unknown gate(s): {', '.join(bad_gates)}; known: {', '.join(gates.ALL_GATES)}."})
+        raise ValidationError(
+            {
+                "gates": f"Unknown gate(s): {', '.join(bad_gates)}; known: {', '.join(gates.ALL_GATES)}."
+            }
+        )
     seen, step = {env.pk}, env.requires_live_in
     while step is not None:
         if step.pk in seen:
@@ -480,12 +574,21 @@ def environment_policy_update(*, environment_id: int, actor: User, changes: dict
         step = step.requires_live_in
     env.full_clean()
     env.save()
-    audit_record(actor=actor, action="environment.policy_changed", obj=env, environment=env.name, before=before, after=env.policy())
+    audit_record(
+        actor=actor,
+        action="environment.policy_changed",
+        obj=env,
+        environment=env.name,
+        before=before,
+        after=env.policy(),
+    )
     return env
 
 
 @transaction.atomic
-def freeze_window_create(*, environment: Environment, actor: User, starts_at: datetime, ends_at: datetime, reason: str) -> FreezeWindow:
+def freeze_window_create(
+    *, environment: Environment, actor: User, starts_at: datetime, ends_at: datetime, reason: str
+) -> FreezeWindow:
     """Raises PermissionDenied (not a platform admin), ValidationError (empty reason, ends first)."""
     if not is_platform_admin(actor):
         raise PermissionDenied("Only platform admins can schedule freeze windows.")
@@ -493,8 +596,20 @@ def freeze_window_create(*, environment: Environment, actor: User, starts_at: da
         raise ValidationError({"reason": "Say why releases are frozen."})
     if ends_at <= starts_at:
         raise ValidationError({"ends_at": "The freeze must end after it starts."})
-    window = FreezeWindow.objects.create(environment=environment, starts_at=starts_at, ends_at=ends_at, reason=reason.strip())
-    audit_record(actor=actor, action="environment.freeze_scheduled", obj=window, environment=environment.name, after={"starts_at": starts_at.isoformat(), "ends_at": ends_at.isoformat(), "reason": window.reason})
+    window = FreezeWindow.objects.create(
+        environment=environment, starts_at=starts_at, ends_at=ends_at, reason=reason.strip()
+    )
+    audit_record(
+        actor=actor,
+        action="environment.freeze_scheduled",
+        obj=window,
+        environment=environment.name,
+        after={
+            "starts_at": starts_at.isoformat(),
+            "ends_at": ends_at.isoformat(),
+            "reason": window.reason,
+        },
+    )
     return window
 
 
@@ -535,7 +650,9 @@ def _deployment_begin(request_id: int) -> tuple[DeploymentRequest, Deployment | 
     req = _locked_request(request_id)
     if req.status == Status.APPROVED:
         old = _transition(req, Status.DEPLOYING)
-        _audit(req, "deployment.started", None, before={"status": old}, after={"status": req.status})
+        _audit(
+            req, "deployment.started", None, before={"status": old}, after={"status": req.status}
+        )
     if req.status not in (Status.DEPLOYING, Status.LIVE):
         return req, None
     deployment, _ = Deployment.objects.get_or_create(
@@ -557,13 +674,23 @@ def _smoke_test(model_version: ModelVersion) -> str:
         raise RuntimeError(f"{model_version} has no input example to smoke-test it with.")
     model = mlflow_client.load_pyfunc(name, number)
     try:
-        parsed = parse_request(json.dumps(example).encode(), "application/json", model_version.signature)
+        parsed = parse_request(
+            json.dumps(example).encode(), "application/json", model_version.signature
+        )
     except InputError as exc:
-        raise RuntimeError(f"the input example does not match the signature: {exc.message}") from exc
+        raise RuntimeError(
+            f"the input example does not match the signature: {exc.message}"
+        ) from exc
     try:
-        raw = model.predict(parsed.frame, params=parsed.params) if parsed.params else model.predict(parsed.frame)
+        raw = (
+            model.predict(parsed.frame, params=parsed.params)
+            if parsed.params
+            else model.predict(parsed.frame)
+        )
     except Exception as exc:
-        raise RuntimeError(f"smoke test failed: predict raised {type(exc).__name__}: {exc}") from exc
+        raise RuntimeError(
+            f"smoke test failed: predict raised {type(exc).__name__}: {exc}"
+        ) from exc
     predictions = predictions_to_jsonable(raw)
     if len(predictions) != len(parsed.frame):
         raise RuntimeError(
@@ -578,8 +705,16 @@ def _deployment_fail(request_id: int, *, reason: str) -> DeploymentRequest:
     if req.status != Status.DEPLOYING:
         return req
     old = _transition(req, Status.FAILED, reason=reason)
-    Deployment.objects.filter(request=req).update(status=Deployment.Status.FAILED, failure_reason=reason, traffic_weight=0)
-    _audit(req, "deployment.failed", None, before={"status": old}, after={"status": req.status, "reason": reason})
+    Deployment.objects.filter(request=req).update(
+        status=Deployment.Status.FAILED, failure_reason=reason, traffic_weight=0
+    )
+    _audit(
+        req,
+        "deployment.failed",
+        None,
+        before={"status": old},
+        after={"status": req.status, "reason": reason},
+    )
     _notify(req.pk, "failed")
     return req
 
@@ -587,7 +722,9 @@ def _deployment_fail(request_id: int, *, reason: str) -> DeploymentRequest:
 def _traffic(endpoint: Endpoint) -> dict[str, int]:
     return {
         f"v{d.model_version.version}": d.traffic_weight
-        for d in endpoint.deployments.filter(status=Deployment.Status.LIVE).select_related("model_version")
+        for d in endpoint.deployments.filter(status=Deployment.Status.LIVE).select_related(
+            "model_version"
+        )
     }
 
 
@@ -600,18 +737,38 @@ def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
     endpoint = Endpoint.objects.select_for_update().get(pk=req.endpoint_id)
     before = _traffic(endpoint)
     now = timezone.now()
-    for previous in endpoint.deployments.select_for_update().filter(status=Deployment.Status.LIVE).exclude(request=req):
-        previous.status, previous.traffic_weight, previous.retired_at = Deployment.Status.RETIRED, 0, now
+    for previous in (
+        endpoint.deployments.select_for_update()
+        .filter(status=Deployment.Status.LIVE)
+        .exclude(request=req)
+    ):
+        previous.status, previous.traffic_weight, previous.retired_at = (
+            Deployment.Status.RETIRED,
+            0,
+            now,
+        )
         previous.save(update_fields=["status", "traffic_weight", "retired_at"])
         old_req = _locked_request(previous.request_id)
         if old_req.status == Status.LIVE:
             _transition(old_req, Status.SUPERSEDED, reason=f"replaced by request #{req.pk}")
-            _audit(old_req, "request.superseded", None, before={"status": Status.LIVE}, after={"status": old_req.status})
+            _audit(
+                old_req,
+                "request.superseded",
+                None,
+                before={"status": Status.LIVE},
+                after={"status": old_req.status},
+            )
     Deployment.objects.filter(request=req).update(
         status=Deployment.Status.LIVE, traffic_weight=100, artifact_digest=digest, live_at=now
     )
     old = _transition(req, Status.LIVE)
-    _audit(req, "deployment.live", None, before={"status": old}, after={"status": req.status, "artifact_digest": digest})
+    _audit(
+        req,
+        "deployment.live",
+        None,
+        before={"status": old},
+        after={"status": req.status, "artifact_digest": digest},
+    )
     _audit_traffic(endpoint, None, before)
     _notify(req.pk, "live")
     return req
@@ -651,8 +808,17 @@ def _rollback(endpoint_id: int, actor: User, reason: str) -> DeploymentRequest:
         raise PermissionDenied("Only reviewers and platform admins can roll back.")
     if not reason.strip():
         raise ValidationError({"reason": "Say why the release is rolled back."})
-    endpoint = Endpoint.objects.select_for_update().select_related("environment", "registered_model").get(pk=endpoint_id)
-    live = endpoint.deployments.select_for_update().filter(status=Deployment.Status.LIVE).order_by("-live_at").first()
+    endpoint = (
+        Endpoint.objects.select_for_update()
+        .select_related("environment", "registered_model")
+        .get(pk=endpoint_id)
+    )
+    live = (
+        endpoint.deployments.select_for_update()
+        .filter(status=Deployment.Status.LIVE)
+        .order_by("-live_at")
+        .first()
+    )
     if live is None:
         raise Conflict(f"Nothing is live on {endpoint.name}.")
     previous = (
@@ -668,14 +834,32 @@ def _rollback(endpoint_id: int, actor: User, reason: str) -> DeploymentRequest:
     now = timezone.now()
     live.status, live.traffic_weight, live.retired_at = Deployment.Status.RETIRED, 0, now
     live.save(update_fields=["status", "traffic_weight", "retired_at"])
-    previous.status, previous.traffic_weight, previous.retired_at = Deployment.Status.LIVE, 100, None
+    previous.status, previous.traffic_weight, previous.retired_at = (
+        Deployment.Status.LIVE,
+        100,
+        None,
+    )
     previous.save(update_fields=["status", "traffic_weight", "retired_at"])
     rolled = _locked_request(live.request_id)
     old = _transition(rolled, Status.ROLLED_BACK, reason=reason.strip())
-    _audit(rolled, "deployment.rolled_back", actor, before={"status": old}, after={"status": rolled.status, "reason": reason.strip()})
+    _audit(
+        rolled,
+        "deployment.rolled_back",
+        actor,
+        before={"status": old},
+        after={"status": rolled.status, "reason": reason.strip()},
+    )
     restored = _locked_request(previous.request_id)
-    old = _transition(restored, Status.LIVE, reason=f"restored by rolling back request #{rolled.pk}")
-    _audit(restored, "deployment.restored", actor, before={"status": old}, after={"status": restored.status})
+    old = _transition(
+        restored, Status.LIVE, reason=f"restored by rolling back request #{rolled.pk}"
+    )
+    _audit(
+        restored,
+        "deployment.restored",
+        actor,
+        before={"status": old},
+        after={"status": restored.status},
+    )
     _audit_traffic(endpoint, actor, before)
     _notify(rolled.pk, "rolled_back")
     return restored
@@ -684,7 +868,9 @@ def _rollback(endpoint_id: int, actor: User, reason: str) -> DeploymentRequest:
 def _sync_alias(req: DeploymentRequest, actor: User | None = None) -> None:
     """Point the environment's MLflow alias at the live version, unless a newer deployment
     has replaced this one meanwhile."""
-    live = Deployment.objects.filter(endpoint=req.endpoint, status=Deployment.Status.LIVE, request=req).exists()
+    live = Deployment.objects.filter(
+        endpoint=req.endpoint, status=Deployment.Status.LIVE, request=req
+    ).exists()
     alias = req.endpoint.environment.name
     mv = req.model_version
     if live and mv.registered_model.aliases.get(alias) != mv.version:
@@ -702,7 +888,9 @@ def api_key_hash(raw_key: str) -> str:
 
 
 @transaction.atomic
-def api_key_create(*, name: str, endpoints: list[Endpoint], created_by: User | None) -> tuple[ApiKey, str]:
+def api_key_create(
+    *, name: str, endpoints: list[Endpoint], created_by: User | None
+) -> tuple[ApiKey, str]:
     """Create a key scoped to ``endpoints``. Returns the row and the plaintext key, which is
     shown once and never stored. ``created_by`` None is the system (seed, management command).
 
@@ -713,9 +901,16 @@ def api_key_create(*, name: str, endpoints: list[Endpoint], created_by: User | N
     if not name.strip():
         raise ValidationError({"name": "Name the key after the client that will use it."})
     raw = API_KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey.objects.create(name=name.strip(), prefix=raw[:10], key_hash=api_key_hash(raw), created_by=created_by)
+    key = ApiKey.objects.create(
+        name=name.strip(), prefix=raw[:10], key_hash=api_key_hash(raw), created_by=created_by
+    )
     key.endpoints.set(endpoints)
-    audit_record(actor=created_by, action="api_key.created", obj=key, after={"endpoints": [e.name for e in endpoints]})
+    audit_record(
+        actor=created_by,
+        action="api_key.created",
+        obj=key,
+        after={"endpoints": [e.name for e in endpoints]},
+    )
     return key, raw
 
 
@@ -735,4 +930,3 @@ def api_key_revoke(*, key_id: int, actor: User | None) -> ApiKey:
 
         keys.invalidate()  # harmless if the transaction rolls back: the table reloads
     return key
-

@@ -51,15 +51,23 @@ def request_create(request: HttpRequest, name: str, version: int) -> HttpRespons
     if not can_request_deployment(request.user):
         raise PermissionDenied("Only data scientists can request deployments.")
     try:
-        mv: ModelVersion = registry_selectors.model_version_get(request.user, name=name, version=version)
+        mv: ModelVersion = registry_selectors.model_version_get(
+            request.user, name=name, version=version
+        )
     except ModelVersion.DoesNotExist:
         raise Http404(f"{name} has no version {version}.") from None
     previous = None
     if previous_id := request.GET.get("again") or request.POST.get("again"):
         if not (previous_id.isascii() and previous_id.isdigit()):
             return HttpResponseBadRequest("again must be the number of the request to ask again.")
-        previous = selectors.deployment_requests_visible_to(request.user).filter(pk=previous_id).first()
-    initial = {"environment": previous.endpoint.environment_id, "justification": previous.justification} if previous else {}
+        previous = (
+            selectors.deployment_requests_visible_to(request.user).filter(pk=previous_id).first()
+        )
+    initial = (
+        {"environment": previous.endpoint.environment_id, "justification": previous.justification}
+        if previous
+        else {}
+    )
     form = DeploymentRequestForm(request.POST or None, initial=initial)
     status = 200
     if request.method == "POST":
@@ -68,7 +76,9 @@ def request_create(request: HttpRequest, name: str, version: int) -> HttpRespons
             try:
                 if previous is not None:
                     req = services.deployment_request_resubmit(
-                        request_id=previous.pk, requester=request.user, justification=form.cleaned_data["justification"]
+                        request_id=previous.pk,
+                        requester=request.user,
+                        justification=form.cleaned_data["justification"],
                     )
                 else:
                     req = services.deployment_request_create(
@@ -86,9 +96,16 @@ def request_create(request: HttpRequest, name: str, version: int) -> HttpRespons
                 form.add_error(None, str(exc))
                 status = 409
             else:
-                messages.success(request, f"Request #{req.pk} created; its automated gates are running.")
+                messages.success(
+                    request, f"Request #{req.pk} created; its automated gates are running."
+                )
                 return redirect(req)
-    return render(request, "rollouts/request_form.html", {"form": form, "mv": mv, "previous": previous}, status=status)
+    return render(
+        request,
+        "rollouts/request_form.html",
+        {"form": form, "mv": mv, "previous": previous},
+        status=status,
+    )
 
 
 @login_required
@@ -115,7 +132,9 @@ def _detail_context(request: HttpRequest, req: DeploymentRequest, **extra) -> di
         "gate_results": list(req.gate_results.all()),
         "champion": champion,
         "metrics": metric_rows(req.model_version.metrics, champion.metrics if champion else None),
-        "diff": signature_diff(champion.signature, req.model_version.signature) if champion else None,
+        "diff": signature_diff(champion.signature, req.model_version.signature)
+        if champion
+        else None,
         "approvals": approvals,
         "required_approvals": env.required_approvals,
         "approver_group": services.approver_group_name(env),
@@ -128,8 +147,10 @@ def _detail_context(request: HttpRequest, req: DeploymentRequest, **extra) -> di
         ),
         "can_cancel": req.requester_id == user.pk
         and DeploymentRequest.Status.CANCELLED in DeploymentRequest.TRANSITIONS[req.status],
-        "can_resubmit": req.requester_id == user.pk and req.status in DeploymentRequest.RESUBMITTABLE,
-        "can_override_freeze": is_platform_admin(user) and req.status in DeploymentRequest.UNDECIDED,
+        "can_resubmit": req.requester_id == user.pk
+        and req.status in DeploymentRequest.RESUBMITTABLE,
+        "can_override_freeze": is_platform_admin(user)
+        and req.status in DeploymentRequest.UNDECIDED,
         **extra,
     }
 
@@ -149,7 +170,12 @@ def _act(request: HttpRequest, request_id: int, action) -> HttpResponse:
         messages.success(request, message)
         return redirect(req)
     req = _visible_request(request, request_id)
-    return render(request, "rollouts/request_detail.html", _detail_context(request, req, error=error), status=status)
+    return render(
+        request,
+        "rollouts/request_detail.html",
+        _detail_context(request, req, error=error),
+        status=status,
+    )
 
 
 def _text(request: HttpRequest, field: str) -> str:
@@ -160,7 +186,9 @@ def _text(request: HttpRequest, field: str) -> str:
 @require_POST
 def request_approve(request: HttpRequest, request_id: int) -> HttpResponse:
     def approve(req):
-        services.deployment_request_approve(request_id=req.pk, reviewer=request.user, comment=_text(request, "comment"))
+        services.deployment_request_approve(
+            request_id=req.pk, reviewer=request.user, comment=_text(request, "comment")
+        )
         return f"Approval of request #{req.pk} recorded."
 
     return _act(request, request_id, approve)
@@ -170,7 +198,9 @@ def request_approve(request: HttpRequest, request_id: int) -> HttpResponse:
 @require_POST
 def request_reject(request: HttpRequest, request_id: int) -> HttpResponse:
     def reject(req):
-        services.deployment_request_reject(request_id=req.pk, reviewer=request.user, comment=_text(request, "comment"))
+        services.deployment_request_reject(
+            request_id=req.pk, reviewer=request.user, comment=_text(request, "comment")
+        )
         return f"Request #{req.pk} rejected."
 
     return _act(request, request_id, reject)
@@ -190,7 +220,9 @@ def request_cancel(request: HttpRequest, request_id: int) -> HttpResponse:
 @require_POST
 def request_comment(request: HttpRequest, request_id: int) -> HttpResponse:
     def comment(req):
-        services.deployment_request_comment(request_id=req.pk, author=request.user, body=_text(request, "body"))
+        services.deployment_request_comment(
+            request_id=req.pk, author=request.user, body=_text(request, "body")
+        )
         return "Comment added."
 
     return _act(request, request_id, comment)
@@ -200,7 +232,9 @@ def request_comment(request: HttpRequest, request_id: int) -> HttpResponse:
 @require_POST
 def request_override_freeze(request: HttpRequest, request_id: int) -> HttpResponse:
     def override(req):
-        services.deployment_request_override_freeze(request_id=req.pk, actor=request.user, reason=_text(request, "reason"))
+        services.deployment_request_override_freeze(
+            request_id=req.pk, actor=request.user, reason=_text(request, "reason")
+        )
         return f"Request #{req.pk} may be released during the freeze."
 
     return _act(request, request_id, override)
@@ -208,7 +242,11 @@ def request_override_freeze(request: HttpRequest, request_id: int) -> HttpRespon
 
 @login_required
 def endpoint_list(request: HttpRequest) -> HttpResponse:
-    return render(request, "rollouts/endpoint_list.html", {"rows": selectors.endpoints_with_live_versions(request.user)})
+    return render(
+        request,
+        "rollouts/endpoint_list.html",
+        {"rows": selectors.endpoints_with_live_versions(request.user)},
+    )
 
 
 @login_required
@@ -217,7 +255,11 @@ def endpoint_timeline(request: HttpRequest, name: str) -> HttpResponse:
     return render(
         request,
         "rollouts/endpoint_timeline.html",
-        {"endpoint": endpoint, "timeline": list(reversed(selectors.traffic_timeline(endpoint))), "can_roll_back": can_review(request.user) or is_platform_admin(request.user)},
+        {
+            "endpoint": endpoint,
+            "timeline": list(reversed(selectors.traffic_timeline(endpoint))),
+            "can_roll_back": can_review(request.user) or is_platform_admin(request.user),
+        },
     )
 
 
@@ -226,14 +268,23 @@ def endpoint_timeline(request: HttpRequest, name: str) -> HttpResponse:
 def endpoint_rollback(request: HttpRequest, name: str) -> HttpResponse:
     endpoint = get_object_or_404(selectors.endpoints_visible_to(request.user), name=name)
     try:
-        restored = services.deployment_rollback(endpoint_id=endpoint.pk, actor=request.user, reason=_text(request, "reason"))
+        restored = services.deployment_rollback(
+            endpoint_id=endpoint.pk, actor=request.user, reason=_text(request, "reason")
+        )
     except (Conflict, ValidationError, RegistryError) as exc:
-        status = 409 if isinstance(exc, Conflict) else 400 if isinstance(exc, ValidationError) else 503
+        status = (
+            409 if isinstance(exc, Conflict) else 400 if isinstance(exc, ValidationError) else 503
+        )
         error = " ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
         return render(
             request,
             "rollouts/endpoint_timeline.html",
-            {"endpoint": endpoint, "timeline": list(reversed(selectors.traffic_timeline(endpoint))), "can_roll_back": True, "error": error},
+            {
+                "endpoint": endpoint,
+                "timeline": list(reversed(selectors.traffic_timeline(endpoint))),
+                "can_roll_back": True,
+                "error": error,
+            },
             status=status,
         )
     messages.success(request, f"{endpoint.name} rolled back to {restored.model_version}.")

@@ -5,21 +5,32 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('rollouts', '0001_initial'),
+        ("rollouts", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='GroundTruth',
+            name="GroundTruth",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('label', models.JSONField()),
-                ('received_at', models.DateTimeField(db_index=True)),
-                ('prediction', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='ground_truth', to='rollouts.predictionlog')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("label", models.JSONField()),
+                ("received_at", models.DateTimeField(db_index=True)),
+                (
+                    "prediction",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="ground_truth",
+                        to="rollouts.predictionlog",
+                    ),
+                ),
             ],
         ),
     ]

@@ -5,52 +5,84 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='RegisteredModel',
+            name="RegisteredModel",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=255, unique=True)),
-                ('description', models.TextField(blank=True)),
-                ('tags', models.JSONField(blank=True, default=dict)),
-                ('aliases', models.JSONField(blank=True, default=dict, help_text='alias -> version number')),
-                ('mlflow_created_at', models.DateTimeField(blank=True, null=True)),
-                ('mlflow_updated_at', models.DateTimeField(blank=True, null=True)),
-                ('synced_at', models.DateTimeField()),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=255, unique=True)),
+                ("description", models.TextField(blank=True)),
+                ("tags", models.JSONField(blank=True, default=dict)),
+                (
+                    "aliases",
+                    models.JSONField(blank=True, default=dict, help_text="alias -> version number"),
+                ),
+                ("mlflow_created_at", models.DateTimeField(blank=True, null=True)),
+                ("mlflow_updated_at", models.DateTimeField(blank=True, null=True)),
+                ("synced_at", models.DateTimeField()),
             ],
             options={
-                'ordering': ['name'],
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='ModelVersion',
+            name="ModelVersion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('version', models.PositiveIntegerField()),
-                ('run_id', models.CharField(blank=True, max_length=64)),
-                ('source', models.CharField(blank=True, max_length=1000)),
-                ('storage_location', models.CharField(blank=True, max_length=1000)),
-                ('status', models.CharField(blank=True, max_length=32)),
-                ('description', models.TextField(blank=True)),
-                ('tags', models.JSONField(blank=True, default=dict)),
-                ('flavors', models.JSONField(blank=True, default=list)),
-                ('signature', models.JSONField(blank=True, help_text="{'inputs': [...], 'outputs': [...], 'params': [...]}", null=True)),
-                ('input_example', models.JSONField(blank=True, help_text='scoring payload', null=True)),
-                ('metrics', models.JSONField(blank=True, default=dict)),
-                ('params', models.JSONField(blank=True, default=dict)),
-                ('mlflow_created_at', models.DateTimeField(blank=True, null=True)),
-                ('synced_at', models.DateTimeField()),
-                ('registered_model', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='versions', to='registry.registeredmodel')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("version", models.PositiveIntegerField()),
+                ("run_id", models.CharField(blank=True, max_length=64)),
+                ("source", models.CharField(blank=True, max_length=1000)),
+                ("storage_location", models.CharField(blank=True, max_length=1000)),
+                ("status", models.CharField(blank=True, max_length=32)),
+                ("description", models.TextField(blank=True)),
+                ("tags", models.JSONField(blank=True, default=dict)),
+                ("flavors", models.JSONField(blank=True, default=list)),
+                (
+                    "signature",
+                    models.JSONField(
+                        blank=True,
+                        help_text="{'inputs': [...], 'outputs': [...], 'params': [...]}",
+                        null=True,
+                    ),
+                ),
+                (
+                    "input_example",
+                    models.JSONField(blank=True, help_text="scoring payload", null=True),
+                ),
+                ("metrics", models.JSONField(blank=True, default=dict)),
+                ("params", models.JSONField(blank=True, default=dict)),
+                ("mlflow_created_at", models.DateTimeField(blank=True, null=True)),
+                ("synced_at", models.DateTimeField()),
+                (
+                    "registered_model",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="versions",
+                        to="registry.registeredmodel",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['registered_model__name', '-version'],
-                'constraints': [models.UniqueConstraint(fields=('registered_model', 'version'), name='unique_version_per_model')],
+                "ordering": ["registered_model__name", "-version"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("registered_model", "version"), name="unique_version_per_model"
+                    )
+                ],
             },
         ),
     ]

@@ -5,16 +5,22 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('portal', '0003_auditevent_environment_auditevent_registered_model_and_more'),
-        ('registry', '0001_initial'),
+        ("portal", "0003_auditevent_environment_auditevent_registered_model_and_more"),
+        ("registry", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='registeredmodel',
-            name='team',
-            field=models.ForeignKey(blank=True, help_text="owner; set from the MLflow tag 'team' on sync, or by a platform admin", null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='registered_models', to='portal.team'),
+            model_name="registeredmodel",
+            name="team",
+            field=models.ForeignKey(
+                blank=True,
+                help_text="owner; set from the MLflow tag 'team' on sync, or by a platform admin",
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="registered_models",
+                to="portal.team",
+            ),
         ),
     ]

@@ -2,123 +2,242 @@
 
 import django.core.validators
 import django.db.models.deletion
-import rollouts.models
 from django.conf import settings
 from django.db import migrations, models
 
+import rollouts.models
+
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('auth', '0012_alter_user_first_name_max_length'),
-        ('rollouts', '0002_default_environments'),
+        ("auth", "0012_alter_user_first_name_max_length"),
+        ("rollouts", "0002_default_environments"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='deploymentrequest',
-            name='artifact_digest',
-            field=models.CharField(blank=True, help_text='sha256 of the artifacts the gates checked', max_length=64),
+            model_name="deploymentrequest",
+            name="artifact_digest",
+            field=models.CharField(
+                blank=True, help_text="sha256 of the artifacts the gates checked", max_length=64
+            ),
         ),
         migrations.AddField(
-            model_name='deploymentrequest',
-            name='expires_at',
+            model_name="deploymentrequest",
+            name="expires_at",
             field=models.DateTimeField(blank=True, db_index=True, null=True),
         ),
         migrations.AddField(
-            model_name='deploymentrequest',
-            name='freeze_override_by',
-            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL),
+            model_name="deploymentrequest",
+            name="freeze_override_by",
+            field=models.ForeignKey(
+                blank=True,
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="+",
+                to=settings.AUTH_USER_MODEL,
+            ),
         ),
         migrations.AddField(
-            model_name='deploymentrequest',
-            name='freeze_override_reason',
+            model_name="deploymentrequest",
+            name="freeze_override_reason",
             field=models.TextField(blank=True),
         ),
         migrations.AddField(
-            model_name='deploymentrequest',
-            name='previous_request',
-            field=models.ForeignKey(blank=True, help_text='the request this one asks again after it was rejected', null=True, on_delete=django.db.models.deletion.PROTECT, related_name='resubmissions', to='rollouts.deploymentrequest'),
+            model_name="deploymentrequest",
+            name="previous_request",
+            field=models.ForeignKey(
+                blank=True,
+                help_text="the request this one asks again after it was rejected",
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="resubmissions",
+                to="rollouts.deploymentrequest",
+            ),
         ),
         migrations.AddField(
-            model_name='environment',
-            name='approver_group',
-            field=models.ForeignKey(blank=True, help_text='who may approve; empty means the reviewers group', null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to='auth.group'),
+            model_name="environment",
+            name="approver_group",
+            field=models.ForeignKey(
+                blank=True,
+                help_text="who may approve; empty means the reviewers group",
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="+",
+                to="auth.group",
+            ),
         ),
         migrations.AddField(
-            model_name='environment',
-            name='gates',
-            field=models.JSONField(blank=True, default=rollouts.models.default_gates, help_text='names of the gates to run'),
+            model_name="environment",
+            name="gates",
+            field=models.JSONField(
+                blank=True,
+                default=rollouts.models.default_gates,
+                help_text="names of the gates to run",
+            ),
         ),
         migrations.AddField(
-            model_name='environment',
-            name='metric_tolerance',
-            field=models.FloatField(default=0.0, help_text="largest drop of a gated offline metric below the champion's that passes", validators=[django.core.validators.MinValueValidator(0.0), django.core.validators.MaxValueValidator(1.0)]),
+            model_name="environment",
+            name="metric_tolerance",
+            field=models.FloatField(
+                default=0.0,
+                help_text="largest drop of a gated offline metric below the champion's that passes",
+                validators=[
+                    django.core.validators.MinValueValidator(0.0),
+                    django.core.validators.MaxValueValidator(1.0),
+                ],
+            ),
         ),
         migrations.AddField(
-            model_name='environment',
-            name='request_expiry_days',
-            field=models.PositiveSmallIntegerField(default=7, help_text='undecided requests expire after', validators=[django.core.validators.MinValueValidator(1)]),
+            model_name="environment",
+            name="request_expiry_days",
+            field=models.PositiveSmallIntegerField(
+                default=7,
+                help_text="undecided requests expire after",
+                validators=[django.core.validators.MinValueValidator(1)],
+            ),
         ),
         migrations.AddField(
-            model_name='environment',
-            name='required_approvals',
-            field=models.PositiveSmallIntegerField(default=1, help_text='distinct people from the approver group who must approve', validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(10)]),
+            model_name="environment",
+            name="required_approvals",
+            field=models.PositiveSmallIntegerField(
+                default=1,
+                help_text="distinct people from the approver group who must approve",
+                validators=[
+                    django.core.validators.MinValueValidator(1),
+                    django.core.validators.MaxValueValidator(10),
+                ],
+            ),
         ),
         migrations.AddField(
-            model_name='environment',
-            name='requires_live_in',
-            field=models.ForeignKey(blank=True, help_text='promotion path: the same version must have been live there first', null=True, on_delete=django.db.models.deletion.PROTECT, related_name='+', to='rollouts.environment'),
+            model_name="environment",
+            name="requires_live_in",
+            field=models.ForeignKey(
+                blank=True,
+                help_text="promotion path: the same version must have been live there first",
+                null=True,
+                on_delete=django.db.models.deletion.PROTECT,
+                related_name="+",
+                to="rollouts.environment",
+            ),
         ),
         migrations.AlterField(
-            model_name='deploymentrequest',
-            name='status',
-            field=models.CharField(choices=[('pending_gates', 'Pending gates'), ('awaiting_review', 'Awaiting review'), ('approved', 'Approved'), ('deploying', 'Deploying'), ('live', 'Live'), ('gates_failed', 'Gates failed'), ('rejected', 'Rejected'), ('cancelled', 'Cancelled'), ('expired', 'Expired'), ('failed', 'Failed'), ('rolled_back', 'Rolled back'), ('superseded', 'Superseded')], db_index=True, default='pending_gates', max_length=32),
+            model_name="deploymentrequest",
+            name="status",
+            field=models.CharField(
+                choices=[
+                    ("pending_gates", "Pending gates"),
+                    ("awaiting_review", "Awaiting review"),
+                    ("approved", "Approved"),
+                    ("deploying", "Deploying"),
+                    ("live", "Live"),
+                    ("gates_failed", "Gates failed"),
+                    ("rejected", "Rejected"),
+                    ("cancelled", "Cancelled"),
+                    ("expired", "Expired"),
+                    ("failed", "Failed"),
+                    ("rolled_back", "Rolled back"),
+                    ("superseded", "Superseded"),
+                ],
+                db_index=True,
+                default="pending_gates",
+                max_length=32,
+            ),
         ),
         migrations.CreateModel(
-            name='Comment',
+            name="Comment",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('body', models.TextField(max_length=4000)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('author', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('request', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='comments', to='rollouts.deploymentrequest')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("body", models.TextField(max_length=4000)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "author",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "request",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="comments",
+                        to="rollouts.deploymentrequest",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['created_at'],
+                "ordering": ["created_at"],
             },
         ),
         migrations.CreateModel(
-            name='FreezeWindow',
+            name="FreezeWindow",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('starts_at', models.DateTimeField()),
-                ('ends_at', models.DateTimeField()),
-                ('reason', models.CharField(max_length=255)),
-                ('environment', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='freeze_windows', to='rollouts.environment')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("starts_at", models.DateTimeField()),
+                ("ends_at", models.DateTimeField()),
+                ("reason", models.CharField(max_length=255)),
+                (
+                    "environment",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="freeze_windows",
+                        to="rollouts.environment",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['starts_at'],
-                'constraints': [models.CheckConstraint(condition=models.Q(('ends_at__gt', models.F('starts_at'))), name='freeze_ends_after_start')],
+                "ordering": ["starts_at"],
+                "constraints": [
+                    models.CheckConstraint(
+                        condition=models.Q(("ends_at__gt", models.F("starts_at"))),
+                        name="freeze_ends_after_start",
+                    )
+                ],
             },
         ),
         migrations.CreateModel(
-            name='GateResult',
+            name="GateResult",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=64)),
-                ('passed', models.BooleanField()),
-                ('summary', models.CharField(max_length=1000)),
-                ('details', models.JSONField(blank=True, default=dict)),
-                ('artifact_digest', models.CharField(max_length=64)),
-                ('seconds', models.FloatField(default=0.0)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('request', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='gate_results', to='rollouts.deploymentrequest')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=64)),
+                ("passed", models.BooleanField()),
+                ("summary", models.CharField(max_length=1000)),
+                ("details", models.JSONField(blank=True, default=dict)),
+                ("artifact_digest", models.CharField(max_length=64)),
+                ("seconds", models.FloatField(default=0.0)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "request",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="gate_results",
+                        to="rollouts.deploymentrequest",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['pk'],
-                'constraints': [models.UniqueConstraint(fields=('request', 'name'), name='one_result_per_gate')],
+                "ordering": ["pk"],
+                "constraints": [
+                    models.UniqueConstraint(fields=("request", "name"), name="one_result_per_gate")
+                ],
             },
         ),
     ]

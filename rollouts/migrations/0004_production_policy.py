@@ -5,7 +5,9 @@ def forwards(apps, schema_editor):
     """Production: two distinct approvals, and only versions that have been live in staging."""
     Environment = apps.get_model("rollouts", "Environment")
     staging = Environment.objects.filter(name="staging").first()
-    Environment.objects.filter(name="production").update(required_approvals=2, requires_live_in=staging)
+    Environment.objects.filter(name="production").update(
+        required_approvals=2, requires_live_in=staging
+    )
 
 
 class Migration(migrations.Migration):

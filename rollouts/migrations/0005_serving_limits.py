@@ -4,20 +4,25 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('rollouts', '0004_production_policy'),
+        ("rollouts", "0004_production_policy"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='apikey',
-            name='rate_limit_per_minute',
-            field=models.PositiveIntegerField(blank=True, help_text='scoring requests per minute; empty: unlimited', null=True),
+            model_name="apikey",
+            name="rate_limit_per_minute",
+            field=models.PositiveIntegerField(
+                blank=True, help_text="scoring requests per minute; empty: unlimited", null=True
+            ),
         ),
         migrations.AddField(
-            model_name='endpoint',
-            name='max_body_bytes',
-            field=models.PositiveIntegerField(blank=True, help_text='largest scoring request body; empty: SERVING_MAX_BODY_BYTES', null=True),
+            model_name="endpoint",
+            name="max_body_bytes",
+            field=models.PositiveIntegerField(
+                blank=True,
+                help_text="largest scoring request body; empty: SERVING_MAX_BODY_BYTES",
+                null=True,
+            ),
         ),
     ]

@@ -37,7 +37,15 @@ class _Item:
 
 
 class _Dispatcher:
-    def __init__(self, model: Any, params: dict[str, Any] | None, *, max_wait_s: float, max_rows: int, on_batch: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        params: dict[str, Any] | None,
+        *,
+        max_wait_s: float,
+        max_rows: int,
+        on_batch: Callable[[int], None],
+    ) -> None:
         self.model = model
         self.params = params
         self.max_wait_s = max_wait_s
@@ -84,7 +92,11 @@ class _Dispatcher:
 
     def _predict(self, columns: dict[str, Any]) -> list[Any]:
         frame = pd.DataFrame(columns)
-        raw = self.model.predict(frame, params=self.params) if self.params else self.model.predict(frame)
+        raw = (
+            self.model.predict(frame, params=self.params)
+            if self.params
+            else self.model.predict(frame)
+        )
         return predictions_to_jsonable(raw)
 
     def _run(self) -> None:
@@ -97,10 +109,15 @@ class _Dispatcher:
                 self._score_alone(batch[0])
                 continue
             try:
-                merged = {name: np.concatenate([item.columns[name] for item in batch]) for name in batch[0].columns}
+                merged = {
+                    name: np.concatenate([item.columns[name] for item in batch])
+                    for name in batch[0].columns
+                }
                 predictions = self._predict(merged)
                 if len(predictions) != sum(item.rows for item in batch):
-                    raise ValueError("the model returned a different number of predictions than rows")
+                    raise ValueError(
+                        "the model returned a different number of predictions than rows"
+                    )
             except Exception:  # noqa: BLE001 - re-score one by one, so only the culprit fails
                 for item in batch:
                     self._score_alone(item)
@@ -124,7 +141,9 @@ class MicroBatcher:
     a request is coming), then ``batcher.predict(key, model, columns, rows, params)``.
     """
 
-    def __init__(self, *, max_wait_s: float, max_rows: int, on_batch: Callable[[int], None] = lambda n: None) -> None:
+    def __init__(
+        self, *, max_wait_s: float, max_rows: int, on_batch: Callable[[int], None] = lambda n: None
+    ) -> None:
         self.max_wait_s = max_wait_s
         self.max_rows = max_rows
         self.on_batch = on_batch
@@ -143,7 +162,13 @@ class MicroBatcher:
                 if dispatcher is None or dispatcher.model is not model:
                     if dispatcher is not None:
                         dispatcher.stop()
-                    dispatcher = _Dispatcher(model, params, max_wait_s=self.max_wait_s, max_rows=self.max_rows, on_batch=self.on_batch)
+                    dispatcher = _Dispatcher(
+                        model,
+                        params,
+                        max_wait_s=self.max_wait_s,
+                        max_rows=self.max_rows,
+                        on_batch=self.on_batch,
+                    )
                     self._dispatchers[key] = dispatcher
         return dispatcher
 
@@ -163,7 +188,17 @@ class MicroBatcher:
 
         return withdraw
 
-    def predict(self, model_name: str, version: int, model: Any, columns: dict[str, Any], rows: int, params: dict[str, Any] | None, *, timeout_s: float = 30.0) -> list[Any]:
+    def predict(
+        self,
+        model_name: str,
+        version: int,
+        model: Any,
+        columns: dict[str, Any],
+        rows: int,
+        params: dict[str, Any] | None,
+        *,
+        timeout_s: float = 30.0,
+    ) -> list[Any]:
         """Predictions for this request's ``rows`` rows (a list, in row order).
 
         Raises whatever the model's ``predict`` raised on this request's own rows, or

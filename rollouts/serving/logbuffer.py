@@ -54,7 +54,9 @@ class LogBuffer:
         if self._thread is None or not self._thread.is_alive():
             with self._lock:
                 if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._run, name="rollgate-log-writer", daemon=True)
+                    self._thread = threading.Thread(
+                        target=self._run, name="rollgate-log-writer", daemon=True
+                    )
                     self._thread.start()
 
     def _run(self) -> None:

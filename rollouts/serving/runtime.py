@@ -84,8 +84,12 @@ class ModelCache:
         try:
             model = self.get(route.model_name, route.version)
             if route.input_example:
-                parsed = parse_request(json.dumps(route.input_example).encode(), "application/json", route.signature)
-                model.predict(parsed.frame, params=parsed.params) if parsed.params else model.predict(parsed.frame)
+                parsed = parse_request(
+                    json.dumps(route.input_example).encode(), "application/json", route.signature
+                )
+                model.predict(
+                    parsed.frame, params=parsed.params
+                ) if parsed.params else model.predict(parsed.frame)
         except Exception:  # noqa: BLE001 - a broken version must not break routing
             logger.exception("warming %s v%s failed", route.model_name, route.version)
 
@@ -130,7 +134,9 @@ class Router:
             with self._lock:
                 self._table[endpoint_name] = routes
                 self._fetched[endpoint_name] = now
-                live = {(r.model_name, r.version) for t in self._table.values() if t for r in t.routes}
+                live = {
+                    (r.model_name, r.version) for t in self._table.values() if t for r in t.routes
+                }
         finally:
             self._refreshing.release()
         model_cache.retain(live)  # a version nothing routes to any more is evicted
@@ -144,7 +150,9 @@ class Router:
 
     @staticmethod
     def _load(endpoint_name: str, now: float) -> EndpointRoutes | None:
-        endpoint = Endpoint.objects.filter(name=endpoint_name).values_list("pk", "max_body_bytes").first()
+        endpoint = (
+            Endpoint.objects.filter(name=endpoint_name).values_list("pk", "max_body_bytes").first()
+        )
         if endpoint is None:
             return None
         endpoint_id, max_body_bytes = endpoint
@@ -163,7 +171,9 @@ class Router:
                 "model_version__input_example",
             )
         )
-        return EndpointRoutes(endpoint_id, endpoint_name, max_body_bytes, tuple(Route(*row) for row in rows), now)
+        return EndpointRoutes(
+            endpoint_id, endpoint_name, max_body_bytes, tuple(Route(*row) for row in rows), now
+        )
 
 
 @dataclass(frozen=True)
@@ -192,7 +202,9 @@ class KeyTable:
         )
         grant = None
         if key is not None:
-            endpoints = ApiKey.endpoints.through.objects.filter(apikey_id=key[0]).values_list("endpoint_id", flat=True)
+            endpoints = ApiKey.endpoints.through.objects.filter(apikey_id=key[0]).values_list(
+                "endpoint_id", flat=True
+            )
             grant = KeyGrant(key[0], frozenset(endpoints), key[1])
         if len(self._grants) > 10_000:  # unknown keys must not grow the table without bound
             self._grants.clear()

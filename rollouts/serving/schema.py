@@ -134,11 +134,13 @@ def parse_request(body: bytes, content_type: str, signature: dict[str, Any] | No
 
 def _read_json(text: str) -> dict[str, Any]:
     if not text.strip():
-        raise InputError("The body is empty; send a JSON object such as {\"dataframe_split\": ...}.")
+        raise InputError('The body is empty; send a JSON object such as {"dataframe_split": ...}.')
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"The body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}.") from None
+        raise InputError(
+            f"The body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}."
+        ) from None
     if not isinstance(payload, dict):
         raise InputError(
             f"The body must be a JSON object with one of the fields {', '.join(FORMAT_KEYS)}; "
@@ -170,7 +172,7 @@ def _records_from_json(
         if not keys and ("columns" in payload or "data" in payload):
             raise InputError(
                 "The bare {columns, data} body of MLflow < 2.0 is not accepted; wrap it as "
-                "{\"dataframe_split\": {\"columns\": [...], \"data\": [...]}}."
+                '{"dataframe_split": {"columns": [...], "data": [...]}}.'
             )
         found = f"got {', '.join(keys)}" if keys else "got none"
         raise InputError(f"The body must have exactly one of {', '.join(FORMAT_KEYS)}; {found}.")
@@ -233,7 +235,9 @@ def _rows_from_tensor_input(
             raise InputError("instances must be a list of rows.")
         lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
         if -1 in lengths or len(lengths) > 1:
-            raise InputError(f"{where} as an object must map each column to a list of equal length.")
+            raise InputError(
+                f"{where} as an object must map each column to a list of equal length."
+            )
         n = lengths.pop() if lengths else 0
         return [{col: values[i] for col, values in data.items()} for i in range(n)]
     if not isinstance(data, list):
@@ -242,7 +246,9 @@ def _rows_from_tensor_input(
         return data
     if all(isinstance(row, list) for row in data):
         if specs is None:
-            raise InputError(f"{where} as lists of values needs a model signature with column names.")
+            raise InputError(
+                f"{where} as lists of values needs a model signature with column names."
+            )
         names = [s.name for s in specs]
         return _rows_from_positional(names, data, where)
     raise InputError(f"{where} must hold only row objects or only lists of values.")

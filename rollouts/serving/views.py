@@ -22,11 +22,11 @@ from django.views.decorators.csrf import csrf_exempt
 
 from registry.mlflow_client import RegistryError
 from rollouts.models import PredictionLog
+from rollouts.services import api_key_hash
 from rollouts.serving.logbuffer import log_buffer
 from rollouts.serving.metrics import exposition, observe
 from rollouts.serving.runtime import KeyGrant, batcher, keys, model_cache, router
 from rollouts.serving.schema import InputError, parse_request
-from rollouts.services import api_key_hash
 
 logger = logging.getLogger(__name__)
 
@@ -69,30 +69,65 @@ def invocations(request: HttpRequest, endpoint: str) -> HttpResponse:
     response = _invocations(request, endpoint, request_id, started)
     version = response.get("X-Model-Version", "")
     scored = response.status_code == 200
-    observe(endpoint if response.status_code != 404 else "", version, response.status_code, time.perf_counter() - started if scored else None)
+    observe(
+        endpoint if response.status_code != 404 else "",
+        version,
+        response.status_code,
+        time.perf_counter() - started if scored else None,
+    )
     return response
 
 
-def _invocations(request: HttpRequest, endpoint: str, request_id: str, started: float) -> HttpResponse:
+def _invocations(
+    request: HttpRequest, endpoint: str, request_id: str, started: float
+) -> HttpResponse:
     if request.method != "POST":
         response = _error(405, "METHOD_NOT_ALLOWED", "Use POST.", request_id)
         response["Allow"] = "POST"
         return response
     routes = router.get(endpoint)
     if routes is None:
-        return _error(404, "RESOURCE_DOES_NOT_EXIST", f"No endpoint named {endpoint!r}.", request_id)
+        return _error(
+            404, "RESOURCE_DOES_NOT_EXIST", f"No endpoint named {endpoint!r}.", request_id
+        )
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        return _error(401, "UNAUTHENTICATED", "Send the endpoint's API key as 'Authorization: Bearer <key>'.", request_id, WWW_Authenticate="Bearer")
+        return _error(
+            401,
+            "UNAUTHENTICATED",
+            "Send the endpoint's API key as 'Authorization: Bearer <key>'.",
+            request_id,
+            WWW_Authenticate="Bearer",
+        )
     key = keys.get(api_key_hash(token.strip()))
     if key is None:
-        return _error(401, "UNAUTHENTICATED", "The API key is not valid or has been revoked.", request_id, WWW_Authenticate="Bearer")
+        return _error(
+            401,
+            "UNAUTHENTICATED",
+            "The API key is not valid or has been revoked.",
+            request_id,
+            WWW_Authenticate="Bearer",
+        )
     if routes.endpoint_id not in key.endpoint_ids:
-        return _error(401, "UNAUTHENTICATED", "The API key is not allowed to call this endpoint.", request_id, WWW_Authenticate="Bearer")
+        return _error(
+            401,
+            "UNAUTHENTICATED",
+            "The API key is not allowed to call this endpoint.",
+            request_id,
+            WWW_Authenticate="Bearer",
+        )
     if (retry_after := _rate_limited(key)) is not None:
-        return _error(429, "RATE_LIMITED", f"This key may make {key.rate_limit_per_minute} requests per minute.", request_id, Retry_After=str(retry_after))
+        return _error(
+            429,
+            "RATE_LIMITED",
+            f"This key may make {key.rate_limit_per_minute} requests per minute.",
+            request_id,
+            Retry_After=str(retry_after),
+        )
     if not routes.routes:
-        return _error(503, "ENDPOINT_NOT_READY", f"Endpoint {endpoint!r} has no live version yet.", request_id)
+        return _error(
+            503, "ENDPOINT_NOT_READY", f"Endpoint {endpoint!r} has no live version yet.", request_id
+        )
     limit = routes.max_body_bytes or settings.SERVING_MAX_BODY_BYTES
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
@@ -108,7 +143,13 @@ def _invocations(request: HttpRequest, endpoint: str, request_id: str, started: 
         model = model_cache.get(route.model_name, route.version)
     except RegistryError:
         logger.exception("cannot load %s v%s", route.model_name, route.version)
-        return _error(503, "MODEL_UNAVAILABLE", "The live model version cannot be loaded right now.", request_id, **headers)
+        return _error(
+            503,
+            "MODEL_UNAVAILABLE",
+            "The live model version cannot be loaded right now.",
+            request_id,
+            **headers,
+        )
     withdraw = batcher.announce(route.model_name, route.version, model)
     try:
         body = request.read(limit + 1)
@@ -119,20 +160,38 @@ def _invocations(request: HttpRequest, endpoint: str, request_id: str, started: 
         except InputError as exc:
             response = _error(exc.status, exc.error_code, exc.message, request_id, **headers)
             if settings.SERVING_DEBUG_ERRORS and route.signature:
-                response.content = json.dumps({"error_code": exc.error_code, "message": exc.message, "schema": route.signature.get("inputs")}).encode()
+                response.content = json.dumps(
+                    {
+                        "error_code": exc.error_code,
+                        "message": exc.message,
+                        "schema": route.signature.get("inputs"),
+                    }
+                ).encode()
             return response
     finally:
         withdraw()
     try:
-        predictions = batcher.predict(route.model_name, route.version, model, parsed.columns, parsed.rows, parsed.params)
+        predictions = batcher.predict(
+            route.model_name, route.version, model, parsed.columns, parsed.rows, parsed.params
+        )
     except Exception as exc:  # the model rejected input that passed the signature checks
         logger.info("predict failed on %s v%s: %s", route.model_name, route.version, exc)
         message = f"The model could not score this input: {type(exc).__name__}: {str(exc)[:300]}"
         return _error(422, "MODEL_ERROR", message, request_id, **headers)
 
     latency_ms = (time.perf_counter() - started) * 1000
-    _log_predictions(request_id, routes.endpoint_id, route.model_version_id, key.key_id, parsed.records, predictions, latency_ms)
-    response = HttpResponse(json.dumps({"predictions": predictions}), content_type="application/json")
+    _log_predictions(
+        request_id,
+        routes.endpoint_id,
+        route.model_version_id,
+        key.key_id,
+        parsed.records,
+        predictions,
+        latency_ms,
+    )
+    response = HttpResponse(
+        json.dumps({"predictions": predictions}), content_type="application/json"
+    )
     response["X-Request-Id"] = request_id
     response["X-Model-Name"] = route.model_name
     response["X-Model-Version"] = str(route.version)
@@ -179,11 +238,23 @@ def ping(request: HttpRequest, endpoint: str) -> HttpResponse:
     """200 once the endpoint has a live version, 503 before, 404 for an unknown endpoint."""
     routes = router.get(endpoint)
     if routes is None:
-        return JsonResponse({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"No endpoint named {endpoint!r}."}, status=404)
+        return JsonResponse(
+            {
+                "error_code": "RESOURCE_DOES_NOT_EXIST",
+                "message": f"No endpoint named {endpoint!r}.",
+            },
+            status=404,
+        )
     if not routes.routes:
         return JsonResponse({"status": "not ready", "message": "no live version"}, status=503)
     return JsonResponse(
-        {"status": "ok", "versions": [{"model": r.model_name, "version": r.version, "weight": r.weight} for r in routes.routes]}
+        {
+            "status": "ok",
+            "versions": [
+                {"model": r.model_name, "version": r.version, "weight": r.weight}
+                for r in routes.routes
+            ],
+        }
     )
 
 

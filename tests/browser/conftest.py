@@ -40,5 +40,3 @@ def browser_page():
         finally:
             browser.close()
             os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-
-

@@ -21,7 +21,14 @@ pytestmark = [
 
 
 def test_production_release_needs_a_second_reviewer(
-    live_server, real_worker, browser_page, synced, deploy, awaiting_review, reviewer, second_reviewer
+    live_server,
+    real_worker,
+    browser_page,
+    synced,
+    deploy,
+    awaiting_review,
+    reviewer,
+    second_reviewer,
 ):
     v1, v2 = synced
     # The random forest (v2) scores a few points below the logistic regression (v1): the policy
@@ -57,7 +64,9 @@ def test_production_release_needs_a_second_reviewer(
     _log_in(page, live_server.url, second_reviewer.username)
     page.goto(f"{live_server.url}{req.get_absolute_url()}")
     page.click("[data-testid=approve]")
-    page.locator("[data-testid=request-status]").filter(has_text=re.compile("^Live$")).wait_for(timeout=120_000)
+    page.locator("[data-testid=request-status]").filter(has_text=re.compile("^Live$")).wait_for(
+        timeout=120_000
+    )
     page.screenshot(path=str(SCREENSHOTS / "4-production-live.png"), full_page=True)
     req.refresh_from_db()
     assert req.status == DeploymentRequest.Status.LIVE

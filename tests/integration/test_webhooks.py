@@ -178,8 +178,15 @@ def _header_replaced(name: str, value: str) -> Callable[[], tuple[bytes, dict[st
         _header_replaced("X-MLflow-Timestamp", "soon"),
     ],
     ids=[
-        "wrong-secret", "tampered-body", "no-signature", "no-timestamp", "no-delivery-id",
-        "garbage-signature", "non-ascii-signature", "other-delivery-id", "non-numeric-timestamp",
+        "wrong-secret",
+        "tampered-body",
+        "no-signature",
+        "no-timestamp",
+        "no-delivery-id",
+        "garbage-signature",
+        "non-ascii-signature",
+        "other-delivery-id",
+        "non-numeric-timestamp",
     ],
 )
 def test_bad_signature_is_401_and_sends_nothing(
@@ -301,7 +308,8 @@ def test_register_command_refuses_to_guess_between_namesakes(
     with pytest.raises(CommandError, match="2 webhooks named 'rollgate'"):
         call_command("register_mlflow_webhook")
     assert sorted(w.url for w in client.list_webhooks()) == [
-        "http://127.0.0.1:8001/x", "http://127.0.0.1:8002/x",
+        "http://127.0.0.1:8001/x",
+        "http://127.0.0.1:8002/x",
     ]
 
 
@@ -378,11 +386,26 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     log_path = tmp_path / "mlflow-server.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server",
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.sqlite'}",
-             "--artifacts-destination", str(tmp_path / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'mlflow.sqlite'}",
+                "--artifacts-destination",
+                str(tmp_path / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
 

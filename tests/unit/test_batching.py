@@ -117,14 +117,26 @@ def test_buffered_log_writes_every_row_in_bulk_and_flush_drains_it(settings, syn
     from rollouts.serving.logbuffer import LogBuffer
 
     v1, _ = synced
-    endpoint = Endpoint.objects.create(name="buffer-test", environment=Environment.objects.get(name="staging"), registered_model=v1.registered_model)
+    endpoint = Endpoint.objects.create(
+        name="buffer-test",
+        environment=Environment.objects.get(name="staging"),
+        registered_model=v1.registered_model,
+    )
     settings.SERVING_LOG_BUFFERED = True
     settings.SERVING_LOG_FLUSH_S = 60.0  # the writer thread would wait a minute; flush() must not
     buffer = LogBuffer()
     from django.utils import timezone
 
     rows = [
-        PredictionLog(request_id=f"00000000-0000-4000-8000-{i:012d}", endpoint=endpoint, model_version=v1, features={"x": i}, prediction=1, latency_ms=1.0, created_at=timezone.now())
+        PredictionLog(
+            request_id=f"00000000-0000-4000-8000-{i:012d}",
+            endpoint=endpoint,
+            model_version=v1,
+            features={"x": i},
+            prediction=1,
+            latency_ms=1.0,
+            created_at=timezone.now(),
+        )
         for i in range(2500)
     ]
     for start in range(0, 2500, 100):

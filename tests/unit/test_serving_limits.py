@@ -9,8 +9,8 @@ import pytest
 
 from registry.demo_models import breast_cancer_split
 from rollouts.models import ApiKey, PredictionLog
-from rollouts.serving.runtime import router
 from rollouts.services import api_key_create
+from rollouts.serving.runtime import router
 
 
 @pytest.fixture

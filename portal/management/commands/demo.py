@@ -45,16 +45,54 @@ class Command(BaseCommand):
             call_command("migrate", interactive=False, verbosity=0)
             env = {**os.environ, "PORT": str(port), "HOST": host, "SITE_URL": url}
             python = sys.executable
-            self._start("web", [python, "-m", "gunicorn", "portal.wsgi", "-c", "portal/gunicorn_conf.py"], env)
-            self._start("worker", [python, "-m", "celery", "-A", "portal", "worker", "-l", "INFO", "-c", "2", "-n", "demo@%h"], env)
-            self._start("beat", [python, "-m", "celery", "-A", "portal", "beat", "-l", "INFO", "-s", str(settings.VAR_DIR / "celerybeat-schedule")], env)
+            self._start(
+                "web",
+                [python, "-m", "gunicorn", "portal.wsgi", "-c", "portal/gunicorn_conf.py"],
+                env,
+            )
+            self._start(
+                "worker",
+                [
+                    python,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "portal",
+                    "worker",
+                    "-l",
+                    "INFO",
+                    "-c",
+                    "2",
+                    "-n",
+                    "demo@%h",
+                ],
+                env,
+            )
+            self._start(
+                "beat",
+                [
+                    python,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "portal",
+                    "beat",
+                    "-l",
+                    "INFO",
+                    "-s",
+                    str(settings.VAR_DIR / "celerybeat-schedule"),
+                ],
+                env,
+            )
             self._wait_for(f"{url}/health", timeout=60)
             call_command("seed_demo", url=url)
             self._banner(url)
             while not self.stopping:
                 for child in self.children:
                     if child.poll() is not None:
-                        raise CommandError(f"{child.args[2:5]} exited with status {child.returncode}")
+                        raise CommandError(
+                            f"{child.args[2:5]} exited with status {child.returncode}"
+                        )
                 time.sleep(0.5)
         except KeyboardInterrupt:
             self.stdout.write("stopping ...")
@@ -63,7 +101,9 @@ class Command(BaseCommand):
 
     def _start(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         self.stdout.write(f"starting {name}: {' '.join(cmd[1:])}")
-        self.children.append(subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR, preexec_fn=_die_with_parent))
+        self.children.append(
+            subprocess.Popen(cmd, env=env, cwd=settings.BASE_DIR, preexec_fn=_die_with_parent)
+        )
 
     def _wait_for(self, url: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -83,7 +123,10 @@ class Command(BaseCommand):
             "=" * 72,
             f"Rollgate is running at {url}/",
             "Demo logins (also in var/demo-credentials.json):",
-            *(f"  {persona:<15} {u['username']:<8} {u['password']}" for persona, u in creds["users"].items()),
+            *(
+                f"  {persona:<15} {u['username']:<8} {u['password']}"
+                for persona, u in creds["users"].items()
+            ),
             f"Endpoint {creds['endpoint']}: POST {url}/serving/{creds['endpoint']}/invocations",
             f"  with 'Authorization: Bearer {creds['api_key']}'",
             "Press Ctrl-C to stop.",

@@ -53,11 +53,15 @@ def replay(
         labels = [int(v) for v in y.loc[chunk.index]]
         counts["correct"] += sum(int(p == t) for p, t in zip(predictions, labels, strict=True))
         request_id = response.headers["X-Request-Id"]
-        feedback.append({"request_id": request_id, "label": labels[0] if len(labels) == 1 else labels})
+        feedback.append(
+            {"request_id": request_id, "label": labels[0] if len(labels) == 1 else labels}
+        )
     if send_labels:
         for start in range(0, len(feedback), 500):
             response = session.post(
-                f"{url.rstrip('/')}/api/feedback", json=feedback[start : start + 500], timeout=timeout_s
+                f"{url.rstrip('/')}/api/feedback",
+                json=feedback[start : start + 500],
+                timeout=timeout_s,
             )
             response.raise_for_status()
             counts["labeled"] += response.json()["accepted"]
@@ -74,7 +78,9 @@ class Command(BaseCommand):
         parser.add_argument("--url", help="portal base URL, e.g. http://127.0.0.1:8000")
         parser.add_argument("--endpoint", help="endpoint name")
         parser.add_argument("--api-key", help="serving API key scoped to the endpoint")
-        parser.add_argument("--rows", type=int, default=None, help="how many rows (default: all 171)")
+        parser.add_argument(
+            "--rows", type=int, default=None, help="how many rows (default: all 171)"
+        )
         parser.add_argument("--offset", type=int, default=0, help="first held-out row to send")
         parser.add_argument("--batch-size", type=int, default=1, help="rows per request")
         parser.add_argument("--no-labels", action="store_true", help="do not post ground truth")

@@ -22,7 +22,14 @@ from registry.demo_models import train_and_register
 from registry.models import ModelVersion
 from registry.services import registry_sync
 from rollouts import services
-from rollouts.models import ApiKey, Deployment, DeploymentRequest, Endpoint, Environment, PredictionLog
+from rollouts.models import (
+    ApiKey,
+    Deployment,
+    DeploymentRequest,
+    Endpoint,
+    Environment,
+    PredictionLog,
+)
 
 REGISTERED_MODEL = "breast-cancer-classifier"
 PERSONAS = {
@@ -66,14 +73,17 @@ class Command(BaseCommand):
         v1 = ModelVersion.objects.get(registered_model__name=REGISTERED_MODEL, version=1)
         staging = Environment.objects.get(name="staging")
         endpoints = [
-            services.endpoint_for(model_version=v1, environment=env) for env in Environment.objects.all()
+            services.endpoint_for(model_version=v1, environment=env)
+            for env in Environment.objects.all()
         ]
         endpoint = next(e for e in endpoints if e.environment_id == staging.pk)
         api_key = self._api_key(previous.get("api_key"), endpoints)
         self._deploy_v1(v1, staging, users, timeout)
         if not PredictionLog.objects.filter(endpoint=endpoint).exists() and replay_rows > 0:
             counts = replay(url=url, endpoint=endpoint.name, api_key=api_key, rows=replay_rows)
-            self.stdout.write(f"replayed {counts['sent']} held-out rows with {counts['labeled']} labels")
+            self.stdout.write(
+                f"replayed {counts['sent']} held-out rows with {counts['labeled']} labels"
+            )
         credentials = {
             "url": url,
             "users": {
@@ -103,7 +113,9 @@ class Command(BaseCommand):
         users = {}
         for persona, (username, role) in PERSONAS.items():
             password = (previous.get(persona) or {}).get("password") or secrets.token_urlsafe(12)
-            user, _ = User.objects.get_or_create(username=username, defaults={"email": f"{username}@example.com"})
+            user, _ = User.objects.get_or_create(
+                username=username, defaults={"email": f"{username}@example.com"}
+            )
             user.set_password(password)
             if role == PLATFORM_ADMINS:
                 user.is_staff = user.is_superuser = True
@@ -114,14 +126,18 @@ class Command(BaseCommand):
 
     def _api_key(self, previous: str | None, endpoints: list[Endpoint]) -> str:
         if previous:
-            key = ApiKey.objects.filter(key_hash=services.api_key_hash(previous), revoked_at__isnull=True).first()
+            key = ApiKey.objects.filter(
+                key_hash=services.api_key_hash(previous), revoked_at__isnull=True
+            ).first()
             if key is not None:
                 key.endpoints.add(*endpoints)
                 return previous
         _, raw = services.api_key_create(name="demo client", endpoints=endpoints, created_by=None)
         return raw
 
-    def _deploy_v1(self, v1: ModelVersion, staging: Environment, users: dict, timeout: float) -> None:
+    def _deploy_v1(
+        self, v1: ModelVersion, staging: Environment, users: dict, timeout: float
+    ) -> None:
         """Request (data scientist), wait for the worker to run the gates, approve (reviewer),
         and wait for the worker to deploy."""
         endpoint = services.endpoint_for(model_version=v1, environment=staging)
@@ -148,7 +164,9 @@ class Command(BaseCommand):
             if req.status in DeploymentRequest.TERMINAL:
                 raise CommandError(f"deploying {v1} ended {req.status}: {req.status_reason}")
             if time.monotonic() > deadline:
-                raise CommandError(f"{v1} not live after {timeout:.0f}s: is the Celery worker running?")
+                raise CommandError(
+                    f"{v1} not live after {timeout:.0f}s: is the Celery worker running?"
+                )
             time.sleep(0.5)
             req.refresh_from_db()
         self.stdout.write(f"{v1} is live on {endpoint.name}")

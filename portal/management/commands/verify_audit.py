@@ -14,4 +14,6 @@ class Command(BaseCommand):
             self.stdout.write(self.style.SUCCESS(f"audit chain intact: {report.checked} events"))
             return
         where = f"event #{report.broken_event_id}" if report.broken_event_id else "end of chain"
-        raise CommandError(f"audit chain broken at {where}: {report.reason} ({report.checked} events verified before it)")
+        raise CommandError(
+            f"audit chain broken at {where}: {report.reason} ({report.checked} events verified before it)"
+        )
