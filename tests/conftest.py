@@ -174,12 +174,15 @@ def celery_worker_process(django_db_setup, django_db_blocker, mlflow_store, tmp_
         f"sqla+sqlite:///{tmp_path_factory.mktemp('broker') / 'broker.sqlite'}"
     )
     queue = f"rollgate-test-{os.getpid()}"
+    broker_changed = celery_app.conf.broker_url != broker
     celery_app.conf.broker_url = broker
     celery_app.conf.task_default_queue = queue
     # Unit tests that ran earlier (pytest-django runs transactional tests last) sent tasks
-    # eagerly, which opened the producer pool on the default broker and cached the routing to
-    # the default queue: drop both, or the tasks of this session would never reach the worker.
-    if celery_app._pool is not None:
+    # eagerly, which cached the routing to the default queue and opened the producer pool on
+    # the broker of that moment. Rebuild the routing; drop the pool only when the broker
+    # changed (kombu keeps one producer pool per broker URL, so closing the pool of an
+    # unchanged broker would leave kombu handing out a closed one).
+    if broker_changed and celery_app._pool is not None:
         celery_app._pool.force_close_all()
         celery_app._pool = None
     celery_app.__dict__.pop("amqp", None)
