@@ -278,8 +278,14 @@ def main() -> None:
             soak = run_wrk(url, setup["body"], headers, 64, args.soak)
             results["rollgate"]["soak"] = soak
             print(f"rollgate soak 64 x {args.soak}s {soak}", flush=True)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            ok = served_ok(r.read().decode())
+        # Requests still queued when wrk stopped are answered (and logged) after it: wait until
+        # the server's count of 200 answers stops moving.
+        ok, previous = -1, -2
+        while ok != previous:
+            previous = ok
+            time.sleep(1.0)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                ok = served_ok(r.read().decode())
     finally:
         stop(web)
     rows = count_log_rows()

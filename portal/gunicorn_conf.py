@@ -35,6 +35,22 @@ def on_starting(server):
     os.makedirs(_metrics_dir, exist_ok=True)
 
 
+def post_worker_init(worker):
+    """Warm every routed model version before the worker accepts its first request: loading a
+    pyfunc model in a fresh process takes seconds, which no client should wait for."""
+    from django.db import connection
+
+    from rollouts.serving.runtime import warm_all
+
+    try:
+        names = warm_all()
+        worker.log.info("worker %s warmed endpoints: %s", worker.pid, ", ".join(names) or "none")
+    except Exception:  # noqa: BLE001 - a cold start is slower, not broken
+        worker.log.exception("warming the model cache failed; versions load on first request")
+    finally:
+        connection.close()
+
+
 def worker_exit(server, worker):
     """Graceful stop of a worker: write the prediction rows still buffered, drop its metrics."""
     from prometheus_client import multiprocess

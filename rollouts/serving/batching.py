@@ -48,6 +48,7 @@ class _Dispatcher:
     ) -> None:
         self.model = model
         self.params = params
+        self.schema_enforced = False  # set by MicroBatcher.predict for column-based signatures
         self.max_wait_s = max_wait_s
         self.max_rows = max_rows
         self.on_batch = on_batch
@@ -92,11 +93,15 @@ class _Dispatcher:
 
     def _predict(self, columns: dict[str, Any]) -> list[Any]:
         frame = pd.DataFrame(columns)
-        raw = (
-            self.model.predict(frame, params=self.params)
-            if self.params
-            else self.model.predict(frame)
-        )
+        target = self.model
+        if self.schema_enforced:
+            # Rollgate already typed every column to the signature (rollouts.serving.schema), so
+            # pyfunc's own schema enforcement, most of a small predict's cost, would only do
+            # the same work again: call the flavor's predict directly.
+            impl = getattr(self.model, "_model_impl", None)
+            if impl is not None and callable(getattr(impl, "predict", None)):
+                target = impl
+        raw = target.predict(frame, params=self.params) if self.params else target.predict(frame)
         return predictions_to_jsonable(raw)
 
     def _run(self) -> None:
@@ -197,15 +202,21 @@ class MicroBatcher:
         rows: int,
         params: dict[str, Any] | None,
         *,
+        schema_enforced: bool = False,
         timeout_s: float = 30.0,
     ) -> list[Any]:
         """Predictions for this request's ``rows`` rows (a list, in row order).
+
+        ``schema_enforced``: the columns were validated and typed against a column-based
+        signature, so the flavor's predict may be called without pyfunc's enforcement.
 
         Raises whatever the model's ``predict`` raised on this request's own rows, or
         TimeoutError after ``timeout_s``.
         """
         item = _Item(columns=columns, rows=rows)
-        self._dispatcher(self.key(model_name, version, params), model, params).queue.put(item)
+        dispatcher = self._dispatcher(self.key(model_name, version, params), model, params)
+        dispatcher.schema_enforced = schema_enforced
+        dispatcher.queue.put(item)
         return item.future.result(timeout=timeout_s)
 
     def retain(self, keep: set[tuple[str, int]]) -> None:

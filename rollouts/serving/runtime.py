@@ -223,3 +223,16 @@ batcher = MicroBatcher(
 )
 router = Router()
 keys = KeyTable()
+
+
+def warm_all() -> list[str]:
+    """Load and warm every version that some endpoint routes to, before this process takes
+    traffic (gunicorn's ``post_worker_init``). Returns the endpoints warmed."""
+    names = list(
+        Endpoint.objects.filter(deployments__status=Deployment.Status.LIVE)
+        .values_list("name", flat=True)
+        .distinct()
+    )
+    for name in names:
+        router.get(name)
+    return names

@@ -26,7 +26,7 @@ from rollouts.services import api_key_hash
 from rollouts.serving.logbuffer import log_buffer
 from rollouts.serving.metrics import exposition, observe
 from rollouts.serving.runtime import KeyGrant, batcher, keys, model_cache, router
-from rollouts.serving.schema import InputError, parse_request
+from rollouts.serving.schema import InputError, column_specs, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,13 @@ def _invocations(
         withdraw()
     try:
         predictions = batcher.predict(
-            route.model_name, route.version, model, parsed.columns, parsed.rows, parsed.params
+            route.model_name,
+            route.version,
+            model,
+            parsed.columns,
+            parsed.rows,
+            parsed.params,
+            schema_enforced=column_specs(route.signature) is not None,
         )
     except Exception as exc:  # the model rejected input that passed the signature checks
         logger.info("predict failed on %s v%s: %s", route.model_name, route.version, exc)
