@@ -155,17 +155,25 @@ def _detail_context(request: HttpRequest, req: DeploymentRequest, **extra) -> di
     }
 
 
+DOMAIN_ERRORS = (Conflict, ValidationError, RegistryError)
+
+
+def _domain_error(exc: Exception) -> tuple[int, str]:
+    """(HTTP status, message) of a domain error raised by a service, for the pages."""
+    if isinstance(exc, Conflict):
+        return 409, str(exc)
+    if isinstance(exc, ValidationError):
+        return 400, " ".join(exc.messages)
+    return 503, f"MLflow cannot be reached: {exc}"
+
+
 def _act(request: HttpRequest, request_id: int, action) -> HttpResponse:
     """Run one service call for the request; domain errors become a 4xx page that says why."""
     req = _visible_request(request, request_id)
     try:
         message = action(req)
-    except Conflict as exc:
-        status, error = 409, str(exc)
-    except ValidationError as exc:
-        status, error = 400, " ".join(exc.messages)
-    except RegistryError as exc:
-        status, error = 503, f"MLflow cannot be reached to check the artifacts: {exc}"
+    except DOMAIN_ERRORS as exc:
+        status, error = _domain_error(exc)
     else:
         messages.success(request, message)
         return redirect(req)
@@ -271,11 +279,8 @@ def endpoint_rollback(request: HttpRequest, name: str) -> HttpResponse:
         restored = services.deployment_rollback(
             endpoint_id=endpoint.pk, actor=request.user, reason=_text(request, "reason")
         )
-    except (Conflict, ValidationError, RegistryError) as exc:
-        status = (
-            409 if isinstance(exc, Conflict) else 400 if isinstance(exc, ValidationError) else 503
-        )
-        error = " ".join(exc.messages) if isinstance(exc, ValidationError) else str(exc)
+    except DOMAIN_ERRORS as exc:
+        status, error = _domain_error(exc)
         return render(
             request,
             "rollouts/endpoint_timeline.html",
