@@ -394,8 +394,19 @@ class PredictionLog(models.Model):
     api_key = models.ForeignKey(
         ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="predictions"
     )
+    inference_id = models.CharField(
+        max_length=128,
+        blank=True,
+        default="",
+        help_text="the client's own id for the request (X-Inference-Id header), for late labels",
+    )
     features = models.JSONField()
     prediction = models.JSONField()
+    score = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="probability of the positive class, logged for binary classifiers",
+    )
     latency_ms = models.FloatField(help_text="server time of the whole request, milliseconds")
     created_at = models.DateTimeField(db_index=True)
 
@@ -403,7 +414,37 @@ class PredictionLog(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["request_id", "row_index"], name="unique_logged_row")
         ]
-        indexes = [models.Index(fields=["endpoint", "model_version", "created_at"])]
+        indexes = [
+            models.Index(fields=["endpoint", "model_version", "created_at"]),
+            models.Index(
+                fields=["endpoint", "inference_id"],
+                name="prediction_inference_id",
+                condition=~models.Q(inference_id=""),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.request_id}[{self.row_index}]"
+
+
+class ServingError(models.Model):
+    """One scoring request answered with an error (4xx or 5xx), for error rates.
+
+    ``model_version`` is set once the request was routed (bad input, model errors); errors
+    before routing (authentication, rate limit) have only the endpoint.
+    """
+
+    request_id = models.UUIDField()
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="serving_errors")
+    model_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    status_code = models.PositiveSmallIntegerField()
+    error_code = models.CharField(max_length=64)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["endpoint", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.status_code} {self.error_code} on {self.endpoint_id}"

@@ -36,6 +36,22 @@ class _Item:
     future: Future = field(default_factory=Future)
 
 
+def positive_class_scores(impl: Any, frame: pd.DataFrame) -> list[float] | None:
+    """Probability of the second of two classes (``classes_[1]``, scikit-learn's positive
+    class) for each row of ``frame``, when ``impl`` wraps a binary scikit-learn classifier with
+    ``predict_proba``; None for any other model, or if ``predict_proba`` fails. Logged so that
+    monitoring can compute ROC AUC."""
+    estimator = getattr(impl, "sklearn_model", None)
+    classes = getattr(estimator, "classes_", None)
+    if classes is None or len(classes) != 2 or not hasattr(estimator, "predict_proba"):
+        return None
+    try:
+        proba = estimator.predict_proba(frame)
+    except Exception:  # noqa: BLE001 - scores are optional; predictions already succeeded
+        return None
+    return [float(p) for p in np.asarray(proba, dtype=float)[:, 1]]
+
+
 class _Dispatcher:
     def __init__(
         self,
@@ -91,18 +107,22 @@ class _Dispatcher:
             rows += item.rows
         return batch
 
-    def _predict(self, columns: dict[str, Any]) -> list[Any]:
+    def _predict(self, columns: dict[str, Any]) -> tuple[list[Any], list[float] | None]:
+        """(predictions, positive-class scores or None) for the merged columns."""
         frame = pd.DataFrame(columns)
         target = self.model
+        impl = getattr(self.model, "_model_impl", None)
         if self.schema_enforced:
             # Rollgate already typed every column to the signature (rollouts.serving.schema), so
             # pyfunc's own schema enforcement, most of a small predict's cost, would only do
             # the same work again: call the flavor's predict directly.
-            impl = getattr(self.model, "_model_impl", None)
             if impl is not None and callable(getattr(impl, "predict", None)):
                 target = impl
         raw = target.predict(frame, params=self.params) if self.params else target.predict(frame)
-        return predictions_to_jsonable(raw)
+        scores = None
+        if self.schema_enforced and not self.params:
+            scores = positive_class_scores(impl, frame)
+        return predictions_to_jsonable(raw), scores
 
     def _run(self) -> None:
         while True:
@@ -118,7 +138,7 @@ class _Dispatcher:
                     name: np.concatenate([item.columns[name] for item in batch])
                     for name in batch[0].columns
                 }
-                predictions = self._predict(merged)
+                predictions, scores = self._predict(merged)
                 if len(predictions) != sum(item.rows for item in batch):
                     raise ValueError(
                         "the model returned a different number of predictions than rows"
@@ -129,8 +149,11 @@ class _Dispatcher:
                 continue
             start = 0
             for item in batch:
-                item.future.set_result(predictions[start : start + item.rows])
-                start += item.rows
+                end = start + item.rows
+                item.future.set_result(
+                    (predictions[start:end], None if scores is None else scores[start:end])
+                )
+                start = end
 
     def _score_alone(self, item: _Item) -> None:
         try:
@@ -204,8 +227,10 @@ class MicroBatcher:
         *,
         schema_enforced: bool = False,
         timeout_s: float = 30.0,
-    ) -> list[Any]:
-        """Predictions for this request's ``rows`` rows (a list, in row order).
+    ) -> tuple[list[Any], list[float] | None]:
+        """Predictions for this request's ``rows`` rows (a list, in row order), and the
+        positive-class probability of each row when the model is a binary scikit-learn
+        classifier (else None; see :func:`positive_class_scores`).
 
         ``schema_enforced``: the columns were validated and typed against a column-based
         signature, so the flavor's predict may be called without pyfunc's enforcement.

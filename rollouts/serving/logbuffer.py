@@ -1,6 +1,7 @@
 """The prediction log's write path, kept off the request thread.
 
-Requests append their rows to an in-process buffer; a writer thread inserts them in bulk
+Requests append their rows (:class:`PredictionLog`, and :class:`ServingError` for error
+answers) to an in-process buffer; a writer thread inserts them in bulk
 (``bulk_create``) every ``SERVING_LOG_FLUSH_S`` seconds or ``SERVING_LOG_BATCH_ROWS`` rows,
 in its own database connection. :func:`flush` drains everything synchronously; it runs at
 interpreter exit and from gunicorn's ``worker_exit`` hook, so a graceful shutdown loses no row.
@@ -17,16 +18,14 @@ import threading
 import time
 
 from django.conf import settings
-from django.db import close_old_connections, connection
-
-from rollouts.models import PredictionLog
+from django.db import close_old_connections, connection, models
 
 logger = logging.getLogger(__name__)
 
 
 class LogBuffer:
     def __init__(self) -> None:
-        self._rows: list[PredictionLog] = []
+        self._rows: list[models.Model] = []
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._wake = threading.Event()
@@ -34,10 +33,13 @@ class LogBuffer:
         self.written = 0
         self.failed_batches = 0
 
-    def append(self, rows: list[PredictionLog]) -> None:
-        """Queue rows for writing (or write them now when buffering is off)."""
+    def append(self, rows: list[models.Model]) -> None:
+        """Queue unsaved model instances for writing (or write them now when buffering is off).
+        One call's rows are all of one model class."""
+        if not rows:
+            return
         if not settings.SERVING_LOG_BUFFERED:
-            PredictionLog.objects.bulk_create(rows)
+            type(rows[0]).objects.bulk_create(rows)
             return
         with self._lock:
             self._rows.extend(rows)
@@ -79,13 +81,20 @@ class LogBuffer:
                 rows, self._rows = self._rows, []
             if not rows:
                 return 0
+            by_class: dict[type[models.Model], list[models.Model]] = {}
+            for row in rows:
+                by_class.setdefault(type(row), []).append(row)
+            done: set[int] = set()
             try:
-                for start in range(0, len(rows), 2000):
-                    PredictionLog.objects.bulk_create(rows[start : start + 2000])
+                for cls, group in by_class.items():
+                    for start in range(0, len(group), 2000):
+                        chunk = group[start : start + 2000]
+                        cls.objects.bulk_create(chunk)
+                        done.update(map(id, chunk))
             except Exception:
                 self.failed_batches += 1
                 with self._lock:
-                    self._rows[:0] = rows[start:]
+                    self._rows[:0] = [row for row in rows if id(row) not in done]
                 raise
             self.written += len(rows)
             return len(rows)

@@ -3,7 +3,10 @@
 Plain Django views rather than DRF: the protocol is MLflow's scoring server's, byte for byte,
 and this is the hot path. Every response carries ``X-Request-Id``; a scored one also carries
 ``X-Model-Name`` and ``X-Model-Version``. Errors are ``{"error_code": ..., "message": ...}`` as
-in MLflow.
+in MLflow. A client may name its request with ``X-Inference-Id`` (at most 128 printable ASCII
+characters, as SageMaker's ``InferenceId``) and later send labels by that id instead of
+``X-Request-Id``. Every error answer on a known endpoint is logged (:class:`ServingError`) for
+the error rates that monitoring shows.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -21,7 +25,7 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from registry.mlflow_client import RegistryError
-from rollouts.models import PredictionLog
+from rollouts.models import PredictionLog, ServingError
 from rollouts.services import api_key_hash
 from rollouts.serving.logbuffer import log_buffer
 from rollouts.serving.metrics import exposition, observe
@@ -62,11 +66,23 @@ def _rate_limited(key: KeyGrant) -> int | None:
     return None
 
 
+INFERENCE_ID_MAX = 128
+
+
+@dataclass
+class _Routed:
+    """What one request learned about where it goes, for logging its error."""
+
+    endpoint_id: int | None = None
+    model_version_id: int | None = None
+
+
 @csrf_exempt
 def invocations(request: HttpRequest, endpoint: str) -> HttpResponse:
     started = time.perf_counter()
     request_id = str(uuid.uuid4())
-    response = _invocations(request, endpoint, request_id, started)
+    routed = _Routed()
+    response = _invocations(request, endpoint, request_id, started, routed)
     version = response.get("X-Model-Version", "")
     scored = response.status_code == 200
     observe(
@@ -75,11 +91,39 @@ def invocations(request: HttpRequest, endpoint: str) -> HttpResponse:
         response.status_code,
         time.perf_counter() - started if scored else None,
     )
+    if not scored and routed.endpoint_id is not None:
+        log_buffer.append(
+            [
+                ServingError(
+                    request_id=request_id,
+                    endpoint_id=routed.endpoint_id,
+                    model_version_id=routed.model_version_id,
+                    status_code=response.status_code,
+                    error_code=_error_code(response),
+                    created_at=timezone.now(),
+                )
+            ]
+        )
     return response
 
 
+def _error_code(response: HttpResponse) -> str:
+    try:
+        return str(json.loads(response.content).get("error_code", ""))[:64]
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _inference_id(request: HttpRequest) -> str | None:
+    """The client's ``X-Inference-Id`` ('' when absent), or None when it is malformed."""
+    value = request.headers.get("X-Inference-Id", "").strip()
+    if len(value) > INFERENCE_ID_MAX or not all(" " <= ch <= "~" for ch in value):
+        return None
+    return value
+
+
 def _invocations(
-    request: HttpRequest, endpoint: str, request_id: str, started: float
+    request: HttpRequest, endpoint: str, request_id: str, started: float, routed: _Routed
 ) -> HttpResponse:
     if request.method != "POST":
         response = _error(405, "METHOD_NOT_ALLOWED", "Use POST.", request_id)
@@ -90,6 +134,7 @@ def _invocations(
         return _error(
             404, "RESOURCE_DOES_NOT_EXIST", f"No endpoint named {endpoint!r}.", request_id
         )
+    routed.endpoint_id = routes.endpoint_id
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return _error(
@@ -137,7 +182,18 @@ def _invocations(
     if declared > limit:
         return _error(413, "REQUEST_TOO_LARGE", too_large, request_id)
 
+    inference_id = _inference_id(request)
+    if inference_id is None:
+        return _error(
+            400,
+            "INVALID_PARAMETER_VALUE",
+            f"The X-Inference-Id header must be at most {INFERENCE_ID_MAX} printable ASCII "
+            "characters.",
+            request_id,
+        )
+
     route = routes.pick()
+    routed.model_version_id = route.model_version_id
     headers = {"X_Model_Name": route.model_name, "X_Model_Version": str(route.version)}
     try:
         model = model_cache.get(route.model_name, route.version)
@@ -171,7 +227,7 @@ def _invocations(
     finally:
         withdraw()
     try:
-        predictions = batcher.predict(
+        predictions, scores = batcher.predict(
             route.model_name,
             route.version,
             model,
@@ -191,8 +247,10 @@ def _invocations(
         routes.endpoint_id,
         route.model_version_id,
         key.key_id,
+        inference_id,
         parsed.records,
         predictions,
+        scores,
         latency_ms,
     )
     response = HttpResponse(
@@ -201,6 +259,8 @@ def _invocations(
     response["X-Request-Id"] = request_id
     response["X-Model-Name"] = route.model_name
     response["X-Model-Version"] = str(route.version)
+    if inference_id:
+        response["X-Inference-Id"] = inference_id
     return response
 
 
@@ -209,13 +269,17 @@ def _log_predictions(
     endpoint_id: int,
     model_version_id: int,
     key_id: int,
+    inference_id: str,
     records: list[dict[str, Any]],
     predictions: list[Any],
+    scores: list[float] | None,
     latency_ms: float,
 ) -> None:
     now = timezone.now()
     if len(predictions) != len(records):  # e.g. a model that returns one value for the batch
         predictions = [predictions] + [None] * (len(records) - 1)
+    if scores is None or len(scores) != len(records):
+        scores = [None] * len(records)
     log_buffer.append(
         [
             PredictionLog(
@@ -224,12 +288,16 @@ def _log_predictions(
                 endpoint_id=endpoint_id,
                 model_version_id=model_version_id,
                 api_key_id=key_id,
+                inference_id=inference_id,
                 features=record,
                 prediction=prediction,
+                score=score,
                 latency_ms=latency_ms,
                 created_at=now,
             )
-            for i, (record, prediction) in enumerate(zip(records, predictions, strict=True))
+            for i, (record, prediction, score) in enumerate(
+                zip(records, predictions, scores, strict=True)
+            )
         ]
     )
 

@@ -41,7 +41,7 @@ def test_concurrent_requests_share_predict_calls_and_get_their_own_results():
         barrier.wait()
         withdraw = batcher.announce("m", 1, model)
         withdraw()
-        results[i] = (rows, batcher.predict("m", 1, model, _columns(rows), len(rows), None))
+        results[i] = (rows, batcher.predict("m", 1, model, _columns(rows), len(rows), None)[0])
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
     for t in threads:
@@ -67,7 +67,7 @@ def test_one_bad_request_does_not_fail_its_batch_neighbours():
         barrier.wait()
         withdraws[i]()
         try:
-            outcomes[i] = batcher.predict("m", 1, model, _columns(rows), 1, None)
+            outcomes[i] = batcher.predict("m", 1, model, _columns(rows), 1, None)[0]
         except ValueError as exc:
             outcomes[i] = exc
 
@@ -83,7 +83,7 @@ def test_one_bad_request_does_not_fail_its_batch_neighbours():
 def test_a_lone_request_is_scored_alone_without_waiting_for_company():
     model = EchoModel()
     batcher = MicroBatcher(max_wait_s=5.0, max_rows=256)  # a long bound that must not be used
-    assert batcher.predict("m", 1, model, _columns([7]), 1, None, timeout_s=2.0) == [70]
+    assert batcher.predict("m", 1, model, _columns([7]), 1, None, timeout_s=2.0) == ([70], None)
     assert model.calls == [1]
 
 

@@ -23,7 +23,7 @@ from registry.demo_models import breast_cancer_split
 from registry.models import ModelVersion
 from registry.services import registry_sync
 from rollouts import services
-from rollouts.models import Endpoint, Environment, PredictionLog
+from rollouts.models import Endpoint, Environment, PredictionLog, ServingError
 from rollouts.serving import views
 from rollouts.serving.runtime import router
 from tests.conftest import REGISTERED_MODEL, TEAM
@@ -407,6 +407,55 @@ def test_bad_input_is_rejected_and_not_logged(
 
     _assert_rejected(response, status, code, *fragments)
     assert response["X-Model-Version"] == "1"
+
+
+def test_every_error_answer_on_a_known_endpoint_is_counted_for_error_rates(client, live, rows):
+    _post(client, live, _with_cell(rows, "mean area", "wide"))  # routed: a version is known
+    _post(client, live, _split(rows), key="wrong")  # not routed yet: endpoint only
+    client.post("/serving/no-such-endpoint/invocations", data=_split(rows), content_type=JSON)
+
+    errors = ServingError.objects.order_by("status_code")
+    assert [(e.status_code, e.model_version_id is not None) for e in errors] == [
+        (400, True),
+        (401, False),
+    ]
+    assert {e.endpoint_id for e in errors} == {live.endpoint.pk}
+    assert errors[0].error_code == "BAD_REQUEST"
+
+
+def test_binary_classifier_rows_are_logged_with_their_positive_class_score(
+    client, live, rows, expected
+):
+    response = _post(client, live, _split(rows))
+
+    assert response.status_code == 200
+    scores = list(PredictionLog.objects.order_by("row_index").values_list("score", flat=True))
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert [int(s > 0.5) for s in scores] == expected  # logistic regression: proba > .5 is 1
+
+
+def test_the_clients_inference_id_is_logged_and_echoed(client, live, rows):
+    response = client.post(
+        live.url,
+        data=_split(rows),
+        content_type=JSON,
+        headers={"Authorization": f"Bearer {live.key}", "X-Inference-Id": "order-77"},
+    )
+
+    assert response.status_code == 200
+    assert response["X-Inference-Id"] == "order-77"
+    assert set(PredictionLog.objects.values_list("inference_id", flat=True)) == {"order-77"}
+
+
+def test_an_overlong_inference_id_is_400_naming_the_header(client, live, rows):
+    response = client.post(
+        live.url,
+        data=_split(rows),
+        content_type=JSON,
+        headers={"Authorization": f"Bearer {live.key}", "X-Inference-Id": "x" * 129},
+    )
+
+    _assert_rejected(response, 400, "INVALID_PARAMETER_VALUE", "X-Inference-Id", "128")
 
 
 def test_model_error_is_422_and_not_logged(client, live, rows):
