@@ -28,9 +28,19 @@ class IsClientOrPersona(permissions.BasePermission):
 
 
 class FeedbackItemSerializer(serializers.Serializer):
-    request_id = serializers.UUIDField()
+    request_id = serializers.UUIDField(required=False, help_text="the X-Request-Id answered")
+    inference_id = serializers.CharField(
+        max_length=128, required=False, help_text="the X-Inference-Id the client sent"
+    )
     label = serializers.JSONField()
     row = serializers.IntegerField(min_value=0, required=False)
+
+    def validate(self, attrs):
+        if ("request_id" in attrs) == ("inference_id" in attrs):
+            raise serializers.ValidationError(
+                {"request_id": "Send exactly one of request_id and inference_id."}
+            )
+        return attrs
 
     def validate_label(self, value):
         if value is None:
@@ -39,7 +49,9 @@ class FeedbackItemSerializer(serializers.Serializer):
 
 
 class FeedbackApi(ApiView):
-    """``POST /api/feedback``: one ``{request_id, label[, row]}`` object or a list of them."""
+    """``POST /api/feedback``: one ``{request_id | inference_id, label[, row]}`` object or a
+    list of them (at most 10,000). Labels may arrive any time after the prediction; the
+    figures of the prediction's window are recomputed with them."""
 
     authentication_classes = [
         ApiKeyAuthentication,

@@ -11,14 +11,23 @@ from django.db import transaction
 from django.utils import timezone
 
 from monitoring.models import GroundTruth
+from monitoring.rollups import windows_mark_stale
 from rollouts.models import PredictionLog
 
 
 @dataclass(frozen=True)
 class FeedbackItem:
-    request_id: uuid.UUID
+    """A label for a logged request, named by Rollgate's ``request_id`` (``X-Request-Id``) or
+    by the client's own ``inference_id`` (the ``X-Inference-Id`` it sent); exactly one."""
+
     label: Any
+    request_id: uuid.UUID | None = None
+    inference_id: str | None = None
     row: int | None = None
+
+    @property
+    def ref(self) -> str:
+        return str(self.request_id) if self.request_id is not None else str(self.inference_id)
 
 
 @dataclass
@@ -30,10 +39,11 @@ class FeedbackResult:
 def feedback_record(
     *, items: list[FeedbackItem], endpoint_ids: frozenset[int] | None = None
 ) -> FeedbackResult:
-    """Attach labels to logged predictions by request id.
+    """Attach labels to logged predictions by request id or by the client's inference id.
 
-    A one-row request takes ``label`` as is; a request of k rows takes either ``row`` (which row)
-    or a list of k labels. Ids that match no prediction (or none on ``endpoint_ids``, when an API
+    An inference id that names several requests labels the most recent one. A one-row request
+    takes ``label`` as is; a request of k rows takes either ``row`` (which row) or a list of k
+    labels. Ids that match no prediction (or none on ``endpoint_ids``, when an API
     key limits them) are returned in ``unknown`` and the rest are stored. A label sent again
     replaces the earlier one.
 
@@ -41,25 +51,19 @@ def feedback_record(
         ValidationError: an item addresses a row that does not exist, or a multi-row request
             without ``row``; nothing is stored.
     """
-    wanted = {item.request_id for item in items}
-    rows = PredictionLog.objects.filter(request_id__in=wanted)
-    if endpoint_ids is not None:
-        rows = rows.filter(endpoint_id__in=endpoint_ids)
-    by_request: dict[uuid.UUID, dict[int, int]] = {}
-    for pk, request_id, row_index in rows.values_list("pk", "request_id", "row_index"):
-        by_request.setdefault(request_id, {})[row_index] = pk
+    by_request = _logged_rows(items, endpoint_ids)
 
     labels: dict[int, Any] = {}
     errors: dict[str, str] = {}
     result = FeedbackResult()
     for i, item in enumerate(items):
-        logged = by_request.get(item.request_id)
+        logged = by_request.get(item.ref)
         if logged is None:
-            result.unknown.append(str(item.request_id))
+            result.unknown.append(item.ref)
             continue
         if item.row is not None:
             if item.row not in logged:
-                errors[f"[{i}].row"] = f"request {item.request_id} has no row {item.row}."
+                errors[f"[{i}].row"] = f"request {item.ref} has no row {item.row}."
                 continue
             labels[logged[item.row]] = item.label
         elif len(logged) == 1:
@@ -69,7 +73,7 @@ def feedback_record(
                 labels[logged[row_index]] = label
         else:
             errors[f"[{i}].label"] = (
-                f"request {item.request_id} scored {len(logged)} rows: send 'row' or a list of "
+                f"request {item.ref} scored {len(logged)} rows: send 'row' or a list of "
                 f"{len(logged)} labels."
             )
     if errors:
@@ -85,5 +89,38 @@ def feedback_record(
             unique_fields=["prediction"],
             update_fields=["label", "received_at"],
         )
+        # The windows these predictions belong to are rolled up again with their labels.
+        windows_mark_stale(
+            PredictionLog.objects.filter(pk__in=list(labels))
+            .values_list("endpoint_id", "model_version_id", "created_at")
+            .distinct()
+        )
     result.accepted = len(labels)
     return result
+
+
+def _logged_rows(
+    items: list[FeedbackItem], endpoint_ids: frozenset[int] | None
+) -> dict[str, dict[int, int]]:
+    """``{item.ref: {row_index: prediction pk}}`` for the items' logged requests."""
+    by_ref: dict[str, dict[int, int]] = {}
+    request_ids = {item.request_id for item in items if item.request_id is not None}
+    inference_ids = {item.inference_id for item in items if item.request_id is None}
+    scope = PredictionLog.objects.all()
+    if endpoint_ids is not None:
+        scope = scope.filter(endpoint_id__in=endpoint_ids)
+    if request_ids:
+        rows = scope.filter(request_id__in=request_ids)
+        for pk, request_id, row_index in rows.values_list("pk", "request_id", "row_index"):
+            by_ref.setdefault(str(request_id), {})[row_index] = pk
+    if inference_ids:
+        rows = scope.filter(inference_id__in=inference_ids).order_by("created_at", "pk")
+        latest: dict[str, Any] = {}
+        for pk, inference_id, request_id, row_index in rows.values_list(
+            "pk", "inference_id", "request_id", "row_index"
+        ):
+            if latest.get(inference_id) != request_id:  # a later request replaces an earlier
+                latest[inference_id] = request_id
+                by_ref[inference_id] = {}
+            by_ref[inference_id][row_index] = pk
+    return by_ref

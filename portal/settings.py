@@ -176,6 +176,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "rollouts.tasks.expire_requests",
         "schedule": env.float("REQUEST_EXPIRY_CHECK_S", default=600.0),
     },
+    # Monitoring figures: stale hours (new predictions, late labels) are rolled up again.
+    "refresh-rollups": {
+        "task": "monitoring.tasks.refresh_rollups",
+        "schedule": env.float("ROLLUP_REFRESH_S", default=60.0),
+    },
 }
 
 # --- MLflow -----------------------------------------------------------------------------------

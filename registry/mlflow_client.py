@@ -234,6 +234,38 @@ def load_pyfunc(name: str, version: int):
         raise RegistryError(f"cannot load {name} v{version}: {type(exc).__name__}: {exc}") from exc
 
 
+#: Where a training run logs its drift reference: a CSV of training rows (feature columns, and
+#: optionally the target column ``target``), as ``registry.demo_models`` does.
+REFERENCE_SAMPLE_PATH = "reference/reference_sample.csv"
+
+
+def reference_sample(run_id: str):
+    """The run's reference sample (:data:`REFERENCE_SAMPLE_PATH`) as a pandas DataFrame, or None
+    when the run logged none.
+
+    Raises:
+        RegistryError: the artifact exists but cannot be downloaded or read.
+    """
+    import mlflow.artifacts
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    _configure()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            listed = _client().list_artifacts(run_id, path=REFERENCE_SAMPLE_PATH.rsplit("/", 1)[0])
+            if not any(item.path == REFERENCE_SAMPLE_PATH for item in listed):
+                return None
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=REFERENCE_SAMPLE_PATH, dst_path=tmp
+            )
+            return pd.read_csv(local)
+        except (MlflowException, OSError, ValueError) as exc:
+            raise RegistryError(f"cannot read the reference sample of run {run_id}: {exc}") from exc
+
+
 def set_alias(name: str, alias: str, version: int) -> None:
     """Point the alias of a registered model at a version (idempotent).
 

@@ -40,6 +40,7 @@ class LogBuffer:
             return
         if not settings.SERVING_LOG_BUFFERED:
             type(rows[0]).objects.bulk_create(rows)
+            _mark_stale(rows)
             return
         with self._lock:
             self._rows.extend(rows)
@@ -96,8 +97,19 @@ class LogBuffer:
                 with self._lock:
                     self._rows[:0] = [row for row in rows if id(row) not in done]
                 raise
+            try:
+                _mark_stale(rows)
+            except Exception:  # noqa: BLE001 - the rows are written; rollups catch up later
+                logger.exception("marking the logged hours stale failed")
             self.written += len(rows)
             return len(rows)
+
+
+def _mark_stale(rows: list[models.Model]) -> None:
+    """Tell monitoring which hours to roll up again (one upsert per flush)."""
+    from monitoring.rollups import mark_logged_rows
+
+    mark_logged_rows(rows)
 
 
 log_buffer = LogBuffer()
