@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -229,7 +230,9 @@ class PreparedReference:
     frame: pd.DataFrame
 
 
-_references: dict[tuple, PreparedReference | None] = {}
+#: Prepared references kept per process (oldest dropped first).
+REFERENCE_CACHE_SIZE = 32
+_references: OrderedDict[tuple, PreparedReference | None] = OrderedDict()
 
 
 def _window_frame(
@@ -251,7 +254,7 @@ def _window_frame(
 
 
 def _columns_of(version: ModelVersion) -> list[str]:
-    return [str(col["name"]) for col in version.input_columns() if col.get("name") is not None]
+    return [str(col["name"]) for col in version.input_columns if col.get("name") is not None]
 
 
 def reference_for(endpoint_id: int, version: ModelVersion) -> PreparedReference | None:
@@ -259,8 +262,9 @@ def reference_for(endpoint_id: int, version: ModelVersion) -> PreparedReference 
     one, else the training sample logged with the model (its predictions scored by the model
     itself, for prediction drift). None when neither exists. Cached per process."""
     baseline = DriftBaseline.objects.filter(endpoint_id=endpoint_id, model_version=version).first()
-    key = (endpoint_id, version.pk, baseline.chosen_at if baseline else None)
+    key = (endpoint_id, version.pk, version.run_id, baseline.chosen_at if baseline else None)
     if key in _references:
+        _references.move_to_end(key)
         return _references[key]
     from registry import mlflow_client
 
@@ -296,6 +300,8 @@ def reference_for(endpoint_id: int, version: ModelVersion) -> PreparedReference 
         )
         prepared = PreparedReference(reference=reference, source=source[:200], frame=frame)
     _references[key] = prepared
+    while len(_references) > REFERENCE_CACHE_SIZE:
+        _references.popitem(last=False)
     return prepared
 
 
