@@ -210,13 +210,18 @@ def merge_rollups(parts: Iterable[Rollup]) -> dict[str, Any]:
 def _save_rollup(
     endpoint_id: int, version_id: int, granularity: str, start: datetime, fields: dict
 ) -> None:
-    Rollup.objects.update_or_create(
+    """Store a window's rollup; a window left with nothing in it (its rows were moved or
+    deleted) loses its rollup instead of keeping a row of zeros."""
+    key = dict(
         endpoint_id=endpoint_id,
         model_version_id=version_id,
         granularity=granularity,
         window_start=start,
-        defaults={**fields, "computed_at": timezone.now()},
     )
+    if not fields["rows"] and not fields["errors"]:
+        Rollup.objects.filter(**key).delete()
+        return
+    Rollup.objects.update_or_create(**key, defaults={**fields, "computed_at": timezone.now()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,13 +441,13 @@ def refresh_drift(
     endpoint_id: int, version: ModelVersion, granularity: str, start: datetime
 ) -> None:
     fields = compute_drift_window(endpoint_id, version, granularity, start)
-    DriftRollup.objects.update_or_create(
-        endpoint_id=endpoint_id,
-        model_version=version,
-        granularity=granularity,
-        window_start=start,
-        defaults={**fields, "computed_at": timezone.now()},
+    key = dict(
+        endpoint_id=endpoint_id, model_version=version, granularity=granularity, window_start=start
     )
+    if not fields["rows"]:
+        DriftRollup.objects.filter(**key).delete()
+        return
+    DriftRollup.objects.update_or_create(**key, defaults={**fields, "computed_at": timezone.now()})
 
 
 def rollups_refresh(*, limit: int = 5000, with_drift: bool = True) -> RefreshResult:
