@@ -176,6 +176,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "rollouts.tasks.expire_requests",
         "schedule": env.float("REQUEST_EXPIRY_CHECK_S", default=600.0),
     },
+    "redispatch-stalled": {
+        "task": "rollouts.tasks.redispatch_stalled",
+        "schedule": env.float("REDISPATCH_CHECK_S", default=120.0),
+    },
     # Monitoring figures: stale hours (new predictions, late labels) are rolled up again.
     "refresh-rollups": {
         "task": "monitoring.tasks.refresh_rollups",
