@@ -20,7 +20,7 @@ from django.conf import settings
 
 from registry import mlflow_client
 from rollouts.models import ApiKey, Deployment, Endpoint
-from rollouts.serving.batching import MicroBatcher
+from rollouts.serving.batching import LoopBatcher, MicroBatcher
 from rollouts.serving.metrics import observe_batch
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,10 @@ class ModelCache:
         except Exception:  # noqa: BLE001 - a broken version must not break routing
             logger.exception("warming %s v%s failed", route.model_name, route.version)
 
+    def peek(self, model_name: str, version: int) -> Any | None:
+        """The loaded model, or None when it would have to be loaded first."""
+        return self._models.get((model_name, version))
+
     def loaded(self) -> set[tuple[str, int]]:
         return set(self._models)
 
@@ -142,6 +146,17 @@ class Router:
         model_cache.retain(live)  # a version nothing routes to any more is evicted
         batcher.retain(live)
         return routes
+
+    def peek(self, endpoint_name: str) -> tuple[EndpointRoutes | None, bool] | None:
+        """Without touching the database: ``(routes, fresh)`` as :meth:`get` last loaded them
+        (``routes`` None for an unknown endpoint; ``fresh`` False once older than the TTL),
+        or None when the endpoint was never looked up in this process."""
+        if endpoint_name not in self._table:
+            return None
+        fresh = (
+            time.monotonic() - self._fetched.get(endpoint_name, -1e9) < settings.SERVING_ROUTE_TTL_S
+        )
+        return self._table.get(endpoint_name), fresh
 
     def invalidate(self) -> None:
         with self._lock:
@@ -211,12 +226,26 @@ class KeyTable:
         self._grants[key_hash] = (now, grant)
         return grant
 
+    def peek(self, key_hash: str) -> tuple[KeyGrant | None, bool] | None:
+        """Without touching the database: ``(grant, fresh)`` as :meth:`get` last loaded it, or
+        None when this key was never looked up in this process."""
+        cached = self._grants.get(key_hash)
+        if cached is None:
+            return None
+        return cached[1], time.monotonic() - cached[0] < settings.SERVING_ROUTE_TTL_S
+
     def invalidate(self) -> None:
         self._grants.clear()
 
 
 model_cache = ModelCache()
 batcher = MicroBatcher(
+    max_wait_s=settings.SERVING_BATCH_MAX_WAIT_MS / 1000.0,
+    max_rows=settings.SERVING_BATCH_MAX_ROWS,
+    on_batch=observe_batch,
+)
+# The ASGI serving path batches in each worker's event loop instead (rollouts.serving.asgi).
+loop_batcher = LoopBatcher(
     max_wait_s=settings.SERVING_BATCH_MAX_WAIT_MS / 1000.0,
     max_rows=settings.SERVING_BATCH_MAX_ROWS,
     on_batch=observe_batch,
