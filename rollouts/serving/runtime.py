@@ -116,14 +116,16 @@ class Router:
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()
 
-    def get(self, endpoint_name: str) -> EndpointRoutes | None:
+    def get(self, endpoint_name: str, max_age: float | None = None) -> EndpointRoutes | None:
         """The live routes of an endpoint; None if no endpoint has that name.
 
-        When the cached entry is older than the TTL one thread refreshes it (warming any newly
-        routed version first) while the others keep using the previous table.
+        When the cached entry is older than ``max_age`` seconds (default: the TTL) one thread
+        refreshes it (warming any newly routed version first) while the others keep using the
+        previous table.
         """
         now = time.monotonic()
-        fresh = now - self._fetched.get(endpoint_name, -1e9) < settings.SERVING_ROUTE_TTL_S
+        ttl = settings.SERVING_ROUTE_TTL_S if max_age is None else max_age
+        fresh = now - self._fetched.get(endpoint_name, -1e9) < ttl
         if fresh:
             return self._table[endpoint_name]
         if endpoint_name in self._table and not self._refreshing.acquire(blocking=False):
@@ -147,16 +149,14 @@ class Router:
         batcher.retain(live)
         return routes
 
-    def peek(self, endpoint_name: str) -> tuple[EndpointRoutes | None, bool] | None:
-        """Without touching the database: ``(routes, fresh)`` as :meth:`get` last loaded them
-        (``routes`` None for an unknown endpoint; ``fresh`` False once older than the TTL),
-        or None when the endpoint was never looked up in this process."""
+    def peek(self, endpoint_name: str) -> tuple[EndpointRoutes | None, float] | None:
+        """Without touching the database: ``(routes, age in seconds)`` as :meth:`get` last
+        loaded them (``routes`` None for an unknown endpoint), or None when the endpoint was
+        never looked up in this process."""
         if endpoint_name not in self._table:
             return None
-        fresh = (
-            time.monotonic() - self._fetched.get(endpoint_name, -1e9) < settings.SERVING_ROUTE_TTL_S
-        )
-        return self._table.get(endpoint_name), fresh
+        age = time.monotonic() - self._fetched.get(endpoint_name, -1e9)
+        return self._table.get(endpoint_name), age
 
     def invalidate(self) -> None:
         with self._lock:
@@ -205,10 +205,12 @@ class KeyTable:
     def __init__(self) -> None:
         self._grants: dict[str, tuple[float, KeyGrant | None]] = {}
 
-    def get(self, key_hash: str) -> KeyGrant | None:
+    def get(self, key_hash: str, max_age: float | None = None) -> KeyGrant | None:
+        """The grant of a live key, read again once older than ``max_age`` (default: TTL)."""
         now = time.monotonic()
         cached = self._grants.get(key_hash)
-        if cached is not None and now - cached[0] < settings.SERVING_ROUTE_TTL_S:
+        ttl = settings.SERVING_ROUTE_TTL_S if max_age is None else max_age
+        if cached is not None and now - cached[0] < ttl:
             return cached[1]
         key = (
             ApiKey.objects.filter(key_hash=key_hash, revoked_at__isnull=True)
@@ -226,13 +228,13 @@ class KeyTable:
         self._grants[key_hash] = (now, grant)
         return grant
 
-    def peek(self, key_hash: str) -> tuple[KeyGrant | None, bool] | None:
-        """Without touching the database: ``(grant, fresh)`` as :meth:`get` last loaded it, or
-        None when this key was never looked up in this process."""
+    def peek(self, key_hash: str) -> tuple[KeyGrant | None, float] | None:
+        """Without touching the database: ``(grant, age in seconds)`` as :meth:`get` last
+        loaded it, or None when this key was never looked up in this process."""
         cached = self._grants.get(key_hash)
         if cached is None:
             return None
-        return cached[1], time.monotonic() - cached[0] < settings.SERVING_ROUTE_TTL_S
+        return cached[1], time.monotonic() - cached[0]
 
     def invalidate(self) -> None:
         self._grants.clear()
