@@ -16,18 +16,15 @@ from asgiref.sync import async_to_sync, sync_to_async
 from portal.asgi import django_application
 from rollouts.models import PredictionLog, ServingError
 from rollouts.serving.asgi import ServingApp
-from tests.unit.test_serving_api import (  # noqa: F401 - fixtures used by name
-    BAD,
-    BODIES,
-    JSON,
-    _assert_rejected,
-    _fresh_routes,
-    _module_deployment,
-    _split,
-    expected,
-    live,
-    rows,
-)
+from tests.unit import test_serving_api as view_tests
+from tests.unit.test_serving_api import BAD, BODIES, JSON, _assert_rejected, _split
+
+# The Django view's module fixtures: the same deployment, rows and expected predictions.
+_fresh_routes = view_tests._fresh_routes
+_module_deployment = view_tests._module_deployment
+live = view_tests.live
+rows = view_tests.rows
+expected = view_tests.expected
 
 
 class Answer:
