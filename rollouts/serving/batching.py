@@ -37,16 +37,27 @@ class _Item:
     future: Future = field(default_factory=Future)
 
 
-def positive_class_scores(impl: Any, frame: pd.DataFrame) -> list[float] | None:
-    """Probability of the second of two classes (``classes_[1]``, scikit-learn's positive
-    class) for each row of ``frame``, when ``impl`` wraps a binary scikit-learn classifier with
-    ``predict_proba``; None for any other model, or if ``predict_proba`` fails. Logged so that
-    monitoring can compute ROC AUC."""
-    estimator = getattr(impl, "sklearn_model", None)
+def positive_class_scorer(model: Any) -> Any | None:
+    """The binary scikit-learn classifier inside a pyfunc ``model`` (one with ``predict_proba``
+    and two ``classes_``), or None for any other model."""
+    estimator = getattr(getattr(model, "_model_impl", None), "sklearn_model", None)
     classes = getattr(estimator, "classes_", None)
     if classes is None or len(classes) != 2 or not hasattr(estimator, "predict_proba"):
         return None
+    return estimator
+
+
+def positive_class_scores(estimator: Any, records: list[dict[str, Any]]) -> list[float] | None:
+    """Probability of ``classes_[1]`` (scikit-learn's positive class) for each logged input
+    row, from :func:`positive_class_scorer`'s estimator; None if ``predict_proba`` fails.
+
+    Called by the prediction-log writer on whole flushes, off the request path: one
+    ``predict_proba`` per flush instead of one per micro-batch."""
     try:
+        frame = pd.DataFrame.from_records(records)
+        names = getattr(estimator, "feature_names_in_", None)
+        if names is not None:
+            frame = frame[list(names)]
         proba = estimator.predict_proba(frame)
     except Exception:  # noqa: BLE001 - scores are optional; predictions already succeeded
         return None
@@ -70,10 +81,7 @@ def score(
         if impl is not None and callable(getattr(impl, "predict", None)):
             target = impl
     raw = target.predict(frame, params=params) if params else target.predict(frame)
-    scores = None
-    if schema_enforced and not params:
-        scores = positive_class_scores(impl, frame)
-    return predictions_to_jsonable(raw), scores
+    return predictions_to_jsonable(raw), None  # scores: filled in by the log writer
 
 
 Scored = tuple[list[Any], "list[float] | None"]

@@ -37,6 +37,7 @@ from django.utils import timezone
 from registry.mlflow_client import RegistryError
 from rollouts.models import PredictionLog, ServingError
 from rollouts.services import api_key_hash
+from rollouts.serving.batching import positive_class_scorer
 from rollouts.serving.metrics import observe
 from rollouts.serving.runtime import EndpointRoutes, KeyGrant, Route, model_cache
 from rollouts.serving.schema import InputError, ParsedInput, column_specs, parse_request
@@ -287,6 +288,7 @@ def scored(
     if scores is None or len(scores) != len(records):
         scores = [None] * len(records)
     route = admitted.route
+    first = len(trace.rows)
     trace.rows.extend(
         PredictionLog(
             request_id=trace.request_id,
@@ -303,6 +305,10 @@ def scored(
         )
         for i, (record, prediction, score) in enumerate(zip(records, logged, scores, strict=True))
     )
+    scorer = positive_class_scorer(admitted.model) if not parsed.params else None
+    if scorer is not None:  # the log writer adds the positive-class scores, in bulk
+        for row in trace.rows[first:]:
+            row.scorer = scorer
     headers = [("X-Request-Id", trace.request_id), *admitted.model_headers]
     if admitted.inference_id:
         headers.append(("X-Inference-Id", admitted.inference_id))
