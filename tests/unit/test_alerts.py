@@ -724,3 +724,69 @@ def test_retraining_request_with_evidence(world, client, data_scientist):
     alerts.retraining_request_close(request_id=retraining.pk, actor=data_scientist)
     with pytest.raises(Exception, match="already closed"):
         alerts.retraining_request_close(request_id=retraining.pk, actor=data_scientist)
+
+
+# --- on rollups refreshed from the log, and in the admin ------------------------------------
+
+
+def test_rules_read_rollups_refreshed_from_the_log(world):
+    """The whole path: logged predictions and errors, the rollup refresh, the evaluation."""
+    import uuid
+
+    from monitoring import rollups
+    from rollouts.models import PredictionLog, ServingError
+
+    endpoint, v2 = world["endpoint"], world["v2"]
+    rule = _rule(endpoint, "error_rate", 0.1, min_samples=10)
+    logged = [
+        PredictionLog.objects.create(
+            endpoint=endpoint,
+            model_version=v2,
+            features={"tenure": float(i)},
+            prediction=1,
+            latency_ms=5.0,
+            created_at=NOW - timedelta(minutes=i),
+        )
+        for i in range(8)
+    ] + [
+        ServingError.objects.create(
+            request_id=uuid.uuid4(),
+            endpoint=endpoint,
+            model_version=v2,
+            status_code=400,
+            error_code="BAD_REQUEST",
+            created_at=NOW - timedelta(minutes=i),
+        )
+        for i in range(4)
+    ]
+    rollups.mark_logged_rows(logged)
+    rollups.rollups_refresh(with_drift=False)
+    _evaluate()
+    alert = _active(rule).get()
+    assert alert.observed == pytest.approx(4 / 12)
+    assert alert.evidence["figures"] | {"labeled": 0} == {
+        "requests": 8,
+        "rows": 8,
+        "errors": 4,
+        "labeled": 0,
+        "error_rate": pytest.approx(4 / 12),
+    }
+
+
+def test_admin_edits_rules_through_the_services(client, world, platform_admin):
+    client.force_login(platform_admin)
+    assert client.get("/admin/monitoring/alertrule/add/").status_code == 200
+    data = _rule_post(endpoint=world["endpoint"].pk)
+    response = client.post("/admin/monitoring/alertrule/add/", {**data, "threshold": "7"})
+    assert response.status_code == 200 and "threshold" in response.context["adminform"].form.errors
+    assert not AlertRule.objects.exists()
+    assert client.post("/admin/monitoring/alertrule/add/", data).status_code == 302
+    rule = AlertRule.objects.get()
+    assert _events("alert_rule.created").get().actor == platform_admin
+    change = f"/admin/monitoring/alertrule/{rule.pk}/change/"
+    assert client.get(change).status_code == 200
+    assert client.post(change, {**data, "threshold": "0.2"}).status_code == 302
+    rule.refresh_from_db()
+    assert rule.threshold == 0.2 and _events("alert_rule.updated").count() == 1
+    assert client.get("/admin/monitoring/alert/").status_code == 200
+    assert client.get("/admin/monitoring/retrainingrequest/").status_code == 200
