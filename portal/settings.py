@@ -185,6 +185,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "monitoring.tasks.refresh_rollups",
         "schedule": env.float("ROLLUP_REFRESH_S", default=60.0),
     },
+    # Alert rules read the rollups as the refresh above last left them (figures lag the log
+    # by at most ROLLUP_REFRESH_S); see monitoring.alerts.
+    "evaluate-alerts": {
+        "task": "monitoring.tasks.evaluate_alerts",
+        "schedule": env.float("ALERT_EVALUATION_S", default=60.0),
+    },
 }
 
 # --- MLflow -----------------------------------------------------------------------------------

@@ -787,13 +787,16 @@ def _audit_traffic(endpoint: Endpoint, actor: User | None, before: dict[str, int
     )
 
 
-def deployment_rollback(*, endpoint_id: int, actor: User, reason: str) -> DeploymentRequest:
+def deployment_rollback(*, endpoint_id: int, actor: User | None, reason: str) -> DeploymentRequest:
     """Take the endpoint back to the release before its live one: the live request becomes
     rolled back, the one it had superseded is live again with 100% of traffic, and the
     environment's MLflow alias follows.
 
+    ``actor`` None is the system: an alert rule whose action is a rollback (rules are set by
+    platform admins); it is recorded as ``system`` in the audit trail.
+
     Raises:
-        PermissionDenied: not a reviewer or platform admin.
+        PermissionDenied: a person who is not a reviewer or platform admin.
         ValidationError: no reason given.
         Conflict: nothing live, or no earlier release to go back to.
         mlflow_client.RegistryError: moving the alias failed (traffic has moved already).
@@ -804,8 +807,8 @@ def deployment_rollback(*, endpoint_id: int, actor: User, reason: str) -> Deploy
 
 
 @transaction.atomic
-def _rollback(endpoint_id: int, actor: User, reason: str) -> DeploymentRequest:
-    if not (can_review(actor) or is_platform_admin(actor)):
+def _rollback(endpoint_id: int, actor: User | None, reason: str) -> DeploymentRequest:
+    if actor is not None and not (can_review(actor) or is_platform_admin(actor)):
         raise PermissionDenied("Only reviewers and platform admins can roll back.")
     if not reason.strip():
         raise ValidationError({"reason": "Say why the release is rolled back."})
