@@ -63,6 +63,7 @@ from portal.roles import (
     can_review,
     is_platform_admin,
 )
+from portal.tasking import enqueue_on_commit
 from registry.models import ModelVersion
 from rollouts.models import Endpoint
 from rollouts.selectors import endpoints_visible_to
@@ -879,17 +880,10 @@ def _summary(ev: Evaluation) -> str:
 
 def _queue_notifications(alert_ids: list[int]) -> None:
     """Queue each alert's e-mail once the transaction commits. A broker that cannot be reached
-    is logged, not raised: ``notified_at`` stays empty, so the next evaluation queues it again
-    (the task claims the alert, so a second queued copy sends nothing)."""
-    from kombu.exceptions import OperationalError
-
+    is logged, not raised (:mod:`portal.tasking`): ``notified_at`` stays empty, so the next
+    evaluation queues it again (the task claims the alert, so a second queued copy sends
+    nothing)."""
     from monitoring import tasks
 
-    def send(alert_id: int) -> None:
-        try:
-            tasks.send_alert_notification.delay(alert_id)
-        except (OperationalError, ConnectionError, TimeoutError) as exc:
-            logger.error("could not queue the e-mail of alert #%s: %s", alert_id, exc)
-
     for alert_id in alert_ids:
-        transaction.on_commit(lambda pk=alert_id: send(pk))
+        enqueue_on_commit(tasks.send_alert_notification, alert_id)
