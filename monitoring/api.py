@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import authentication, permissions, serializers
@@ -88,20 +90,32 @@ class FeedbackApi(ApiView):
         return Response(self.OutputSerializer(result).data)
 
 
+class FiniteFloatField(serializers.FloatField):
+    """A nullable float sent as null when it is NaN or infinite (strict JSON has neither)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("allow_null", True)
+        super().__init__(**kwargs)
+
+    def to_representation(self, value):
+        value = float(value)
+        return value if math.isfinite(value) else None
+
+
 class MetricsWindowSerializer(serializers.Serializer):
     window_start = serializers.DateTimeField()
     requests = serializers.IntegerField()
     rows = serializers.IntegerField()
     errors = serializers.IntegerField()
     labeled = serializers.IntegerField()
-    error_rate = serializers.FloatField(allow_null=True)
-    label_coverage = serializers.FloatField(allow_null=True)
-    accuracy = serializers.FloatField(allow_null=True)
-    rmse = serializers.FloatField(allow_null=True)
-    latency_p50_ms = serializers.FloatField(allow_null=True)
-    latency_p95_ms = serializers.FloatField(allow_null=True)
-    latency_p99_ms = serializers.FloatField(allow_null=True)
-    traffic_share = serializers.FloatField(allow_null=True)
+    error_rate = FiniteFloatField()
+    label_coverage = FiniteFloatField()
+    accuracy = FiniteFloatField()
+    rmse = FiniteFloatField()
+    latency_p50_ms = FiniteFloatField()
+    latency_p95_ms = FiniteFloatField()
+    latency_p99_ms = FiniteFloatField()
+    traffic_share = FiniteFloatField()
 
 
 class ConfusionSerializer(serializers.Serializer):
@@ -125,18 +139,18 @@ class VersionMetricsSerializer(serializers.Serializer):
     rows = serializers.IntegerField()
     errors = serializers.IntegerField()
     labeled = serializers.IntegerField()
-    error_rate = serializers.FloatField(allow_null=True)
-    label_coverage = serializers.FloatField(allow_null=True)
-    latency_p50_ms = serializers.FloatField(allow_null=True)
-    latency_p95_ms = serializers.FloatField(allow_null=True)
-    latency_p99_ms = serializers.FloatField(allow_null=True)
-    accuracy = serializers.FloatField(allow_null=True)
-    precision = serializers.FloatField(allow_null=True)
-    recall = serializers.FloatField(allow_null=True)
-    f1 = serializers.FloatField(allow_null=True)
-    roc_auc = serializers.FloatField(allow_null=True)
-    rmse = serializers.FloatField(allow_null=True)
-    mae = serializers.FloatField(allow_null=True)
+    error_rate = FiniteFloatField()
+    label_coverage = FiniteFloatField()
+    latency_p50_ms = FiniteFloatField()
+    latency_p95_ms = FiniteFloatField()
+    latency_p99_ms = FiniteFloatField()
+    accuracy = FiniteFloatField()
+    precision = FiniteFloatField()
+    recall = FiniteFloatField()
+    f1 = FiniteFloatField()
+    roc_auc = FiniteFloatField()
+    rmse = FiniteFloatField()
+    mae = FiniteFloatField()
     average = serializers.CharField(help_text="binary (positive class) or macro")
     undefined = serializers.DictField(
         child=serializers.CharField(), help_text="why a figure is null"
