@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from monitoring.selectors import (
@@ -47,6 +47,14 @@ def strict(value: Any) -> Any:
     return value
 
 
+def _x(moment: datetime) -> str:
+    """A window start as plotly.js reads dates: wall-clock UTC without an offset (rollup
+    windows are UTC hours and days)."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
 def _layout(title: str, **extra: Any) -> dict[str, Any]:
     layout = {**_LAYOUT, "title": {"text": title, "font": {"size": 15}}}
     layout["xaxis"] = {**_GRID, **extra.pop("xaxis", {})}
@@ -68,7 +76,9 @@ def _by_version(series: Iterable[WindowPoint]) -> dict[int, list[WindowPoint]]:
 
 
 def endpoint_figures(
-    versions: list[VersionFigures], series: list[WindowPoint]
+    versions: list[VersionFigures],
+    series: list[WindowPoint],
+    x_range: tuple[datetime, datetime] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The version charts of the endpoint dashboard, one trace (or two) per version:
 
@@ -77,13 +87,16 @@ def endpoint_figures(
     * ``latency``: p50/p95/p99 per window (ms);
     * ``traffic``: each version's share of the window's answered requests;
     * ``errors``: error rate per window.
+
+    ``x_range`` (the dashboard's range) fixes the time axis, so that one window is drawn as one
+    window of the range rather than zoomed to milliseconds.
     """
     roles = {v.version: v.role for v in versions}
     regressors = {v.version for v in versions if v.is_regression}
     quality, latency, traffic, errors = [], [], [], []
     for version, points in _by_version(series).items():
         name = _label(version, roles)
-        x = [p.window_start for p in points]
+        x = [_x(p.window_start) for p in points]
         labeled = [[p.labeled, p.rows] for p in points]
         if version in regressors:
             quality.append(
@@ -156,8 +169,13 @@ def endpoint_figures(
                 "hovertemplate": "%{y:.2%} (%{customdata} errors)<extra></extra>",
             }
         )
+    xaxis: dict[str, Any] = {"type": "date"}
+    if x_range is not None:
+        xaxis["range"] = [_x(x_range[0]), _x(x_range[1])]
     quality_layout = _layout(
-        "Accuracy and label coverage", yaxis={"range": [0, 1.02], "tickformat": ".0%"}
+        "Accuracy and label coverage",
+        xaxis=xaxis,
+        yaxis={"range": [0, 1.02], "tickformat": ".0%"},
     )
     if regressors:
         quality_layout["yaxis2"] = {"title": {"text": "RMSE"}, "overlaying": "y", "side": "right"}
@@ -166,40 +184,54 @@ def endpoint_figures(
             "quality": {"data": quality, "layout": quality_layout},
             "latency": {
                 "data": latency,
-                "layout": _layout("Latency (ms)", yaxis={"rangemode": "tozero"}),
+                "layout": _layout("Latency (ms)", xaxis=xaxis, yaxis={"rangemode": "tozero"}),
             },
             "traffic": {
                 "data": traffic,
                 "layout": _layout(
-                    "Traffic share", barmode="stack", yaxis={"range": [0, 1], "tickformat": ".0%"}
+                    "Traffic share",
+                    barmode="stack",
+                    xaxis=xaxis,
+                    yaxis={"range": [0, 1], "tickformat": ".0%"},
                 ),
             },
             "errors": {
                 "data": errors,
-                "layout": _layout("Error rate", yaxis={"rangemode": "tozero", "tickformat": ".1%"}),
+                "layout": _layout(
+                    "Error rate", xaxis=xaxis, yaxis={"rangemode": "tozero", "tickformat": ".1%"}
+                ),
             },
         }
     )
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def _feature_hover(f: dict[str, Any] | None) -> str:
     if not f:
         return "no result for this window"
-    parts = [str(f.get("status", ""))]
-    for key, label in (("psi", "PSI"), ("jensen_shannon", "JS"), ("ks", "KS")):
-        value = f.get(key)
-        if isinstance(value, int | float) and math.isfinite(value):
-            parts.append(f"{label} {value:.3g}")
-    if f.get("reason"):
-        parts.append(str(f["reason"]))
-    return " · ".join(parts)
+    text = str(f.get("status", ""))
+    psi, js = f.get("psi"), f.get("jensen_shannon")
+    if _finite(psi):
+        text += f" · PSI {psi:.3g}"
+    elif _finite(js):
+        text += f" · JS {js:.3g}"
+    if f.get("status") != "ok" and f.get("reason"):
+        text += f" · {f['reason']}"
+    return text
 
 
 def drift_heatmaps(windows: list[DriftWindow], roles: dict[int, str]) -> list[dict[str, Any]]:
     """One heatmap per version: features (and the prediction, last) × windows, colour = status
     (0 ok, 1 warning, 2 drift); insufficient data and windows without a result are null, drawn
-    as grey gaps that still show their reason on hover. ``customdata`` of a cell is
-    ``[drift rollup id, hover text]`` so that a click can load that cell's histograms."""
+    as grey gaps that still show their reason on hover. ``customdata`` of a cell is the id of
+    its drift rollup, so that a click can load that cell's histograms; ``text`` its hover.
+
+    Built JSON-safe (ints, None and text only) rather than passed through :func:`strict`: a
+    90-day range of 30 features has thousands of cells.
+    """
     by_version: dict[int, list[DriftWindow]] = defaultdict(list)
     for w in windows:
         by_version[w.version].append(w)
@@ -214,60 +246,59 @@ def drift_heatmaps(windows: list[DriftWindow], roles: dict[int, str]) -> list[di
                     names.append(f["name"])
         has_prediction = any(w.prediction for w in rows)
         y = names + (["prediction"] if has_prediction else [])
-        x = [w.window_start for w in rows]
+        x = [_x(w.window_start) for w in rows]
+        ids = [w.id for w in rows]
         lookups = [{f["name"]: f for f in w.features} for w in rows]
         z: list[list[int | None]] = []
-        custom: list[list[list[Any]]] = []
+        text: list[list[str]] = []
         for name in y:
-            z_row, c_row = [], []
-            for w, lookup in zip(rows, lookups, strict=True):
-                f = w.prediction if name == "prediction" and has_prediction else lookup.get(name)
-                status = (f or {}).get("status")
-                z_row.append(DRIFT_STATUS_LEVEL.get(status))
-                c_row.append([w.id, _feature_hover(f)])
-            z.append(z_row)
-            custom.append(c_row)
+            if name == "prediction" and has_prediction:
+                cells = [w.prediction for w in rows]
+            else:
+                cells = [lookup.get(name) for lookup in lookups]
+            z.append([DRIFT_STATUS_LEVEL.get((f or {}).get("status")) for f in cells])
+            text.append([_feature_hover(f) for f in cells])
         out.append(
-            strict(
-                {
-                    "version": version,
-                    "data": [
-                        {
-                            "type": "heatmap",
-                            "x": x,
-                            "y": y,
-                            "z": z,
-                            "customdata": custom,
-                            "zmin": 0,
-                            "zmax": 2,
-                            "xgap": 1,
-                            "ygap": 1,
-                            "hoverongaps": True,
-                            "colorscale": [
-                                [0.0, "#c1eac5"],
-                                [0.33, "#c1eac5"],
-                                [0.34, "#ffd66b"],
-                                [0.66, "#ffd66b"],
-                                [0.67, "#e12d39"],
-                                [1.0, "#e12d39"],
-                            ],
-                            "colorbar": {
-                                "tickvals": [0.33, 1, 1.67],
-                                "ticktext": ["ok", "warning", "drift"],
-                                "len": 0.6,
-                            },
-                            "hovertemplate": "%{y} · %{x}<br>%{customdata[1]}<extra></extra>",
-                        }
-                    ],
-                    "layout": _layout(
-                        f"Drift of {_label(version, roles)} (click a cell for its histograms)",
-                        height=max(300, 22 * len(y) + 120),
-                        margin={"l": 180, "r": 20, "t": 40, "b": 60},
-                        plot_bgcolor="#d9dde3",  # gaps (insufficient data) show grey
-                        yaxis={"autorange": "reversed", "automargin": True},
-                    ),
-                }
-            )
+            {
+                "version": version,
+                "data": [
+                    {
+                        "type": "heatmap",
+                        "x": x,
+                        "y": y,
+                        "z": z,
+                        "text": text,
+                        "customdata": [ids] * len(y),
+                        "zmin": 0,
+                        "zmax": 2,
+                        "xgap": 1,
+                        "ygap": 1,
+                        "hoverongaps": True,
+                        "colorscale": [
+                            [0.0, "#c1eac5"],
+                            [0.33, "#c1eac5"],
+                            [0.34, "#ffd66b"],
+                            [0.66, "#ffd66b"],
+                            [0.67, "#e12d39"],
+                            [1.0, "#e12d39"],
+                        ],
+                        "colorbar": {
+                            "tickvals": [0.33, 1, 1.67],
+                            "ticktext": ["ok", "warning", "drift"],
+                            "len": 0.6,
+                        },
+                        "hovertemplate": "%{y} · %{x}<br>%{text}<extra></extra>",
+                    }
+                ],
+                "layout": _layout(
+                    f"Drift of {_label(version, roles)} (click a cell for its histograms)",
+                    height=max(300, 22 * len(y) + 120),
+                    margin={"l": 180, "r": 20, "t": 40, "b": 80},
+                    plot_bgcolor="#d9dde3",  # gaps (insufficient data) show grey
+                    xaxis={"type": "category", "tickangle": -45},
+                    yaxis={"autorange": "reversed", "automargin": True},
+                ),
+            }
         )
     return out
 

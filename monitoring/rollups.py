@@ -251,7 +251,7 @@ def _window_frame(
 
 
 def _columns_of(version: ModelVersion) -> list[str]:
-    return [str(col["name"]) for col in version.input_columns() if col.get("name") is not None]
+    return [str(col["name"]) for col in version.input_columns if col.get("name") is not None]
 
 
 def reference_for(endpoint_id: int, version: ModelVersion) -> PreparedReference | None:

@@ -470,6 +470,11 @@ class EndpointHealth:
     error_rate: float | None = None
     latency_p95_ms: float | None = None
 
+    @property
+    def undefined(self) -> dict[str, str]:
+        reason = "no requests in 24 h"
+        return {"error_rate": reason, "latency_p95_ms": reason} if not self.requests else {}
+
 
 def endpoint_health(
     endpoint_ids: Iterable[int], *, now: datetime | None = None

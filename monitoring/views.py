@@ -75,7 +75,9 @@ def endpoint_dashboard(request: HttpRequest, name: str) -> HttpResponse:
             "versions": result.versions,
             "has_classifier": any(not v.is_regression for v in result.versions),
             "has_regressor": any(v.is_regression for v in result.versions),
-            "figures": figures.endpoint_figures(result.versions, result.series),
+            "figures": figures.endpoint_figures(
+                result.versions, result.series, (rng.start, rng.end)
+            ),
             "drift_heatmaps": figures.drift_heatmaps(windows, roles),
             "drift_summary": list(reversed(windows))[:DRIFT_SUMMARY_ROWS],
             "drift_initial": initial,

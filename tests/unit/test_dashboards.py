@@ -321,8 +321,8 @@ def test_drift_heatmap_and_histogram_endpoint(client, endpoint, versions, manage
     trace = heatmap["data"][0]
     assert trace["y"] == [*FEATURES, "prediction"]
     assert trace["z"] == [[0, 2], [0, None], [0, 1], [0, 0]]  # insufficient data: a gap
-    assert trace["customdata"][1][1][0] == new.pk
-    assert "the current window has no usable values" in trace["customdata"][1][1][1]
+    assert trace["customdata"][1] == [old.pk, new.pk]
+    assert "the current window has no usable values" in trace["text"][1][1]
     assert "Dataset and prediction drift per window" in html
 
     # ?feature= opens the latest window in which the feature drifted.

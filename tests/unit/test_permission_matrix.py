@@ -15,7 +15,9 @@ from types import SimpleNamespace
 import pytest
 from django.db import transaction
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
+from django.utils import timezone
 
+from monitoring.models import DriftRollup
 from portal.models import AuditEvent
 from rollouts import services
 from rollouts.models import Endpoint, Environment
@@ -72,6 +74,7 @@ MATRIX: dict[str, dict[str, dict[str, int]]] = {
     "rollouts:endpoint_timeline": {"GET": OWN_PAGE},
     "rollouts:endpoint_rollback": {"POST": S(403, 404, 302, 403, 302, 302)},
     "monitoring:endpoint": {"GET": OWN_PAGE},
+    "monitoring:drift_histogram": {"GET": OWN_PAGE},
     # --- API ---
     "api-schema": {"GET": ALL_API},
     "api-models": {"GET": ALL_API},
@@ -194,8 +197,25 @@ def world(
     services.deployment_request_reject(request_id=rejected.pk, reviewer=reviewer, comment="later")
     staging = Endpoint.objects.get(environment__name="staging")
     key, _ = services.api_key_create(name="shop", endpoints=[staging], created_by=platform_admin)
+    now = timezone.now()
+    drift = DriftRollup.objects.create(
+        endpoint=staging,
+        model_version=v2,
+        granularity="day",
+        window_start=now.replace(hour=0, minute=0, second=0, microsecond=0),
+        reference="training sample",
+        histograms={
+            "mean radius": {
+                "kind": "numeric",
+                "edges": [0.0, 1.0, 2.0],
+                "reference": [0.5, 0.5],
+                "current": [0.2, 0.8],
+            }
+        },
+        computed_at=now,
+    )
     return SimpleNamespace(
-        v1=v1, v2=v2, pending=pending, rejected=rejected, staging=staging, api_key=key
+        v1=v1, v2=v2, pending=pending, rejected=rejected, staging=staging, api_key=key, drift=drift
     )
 
 
@@ -215,6 +235,11 @@ def _kwargs(route: str, method: str, w: SimpleNamespace) -> dict:
         "rollouts:endpoint_timeline": {"name": w.staging.name},
         "rollouts:endpoint_rollback": {"name": w.staging.name},
         "monitoring:endpoint": {"name": w.staging.name},
+        "monitoring:drift_histogram": {
+            "name": w.staging.name,
+            "rollup_id": w.drift.pk,
+            "feature": "mean radius",
+        },
         "api-model": {"name": model},
         "api-model-version": {"name": model, "version": 1},
         "api-model-compare": {"name": model},

@@ -53,8 +53,8 @@
     Plotly.newPlot(el, fig.data, fig.layout, config).then(function () {
       el.on("plotly_click", function (event) {
         const point = event.points && event.points[0];
-        if (!point || !point.customdata) return;
-        showHistogram(histogramUrl(point.customdata[0], point.y));
+        if (!point || point.customdata == null) return;
+        showHistogram(histogramUrl(point.customdata, point.y));
       });
     });
   });
