@@ -7,6 +7,11 @@ from monitoring import views
 app_name = "monitoring"
 urlpatterns = [
     path("endpoints/<slug:name>/", views.endpoint_dashboard, name="endpoint"),
+    path(
+        "endpoints/<slug:name>/drift/<int:rollup_id>/<path:feature>.json",
+        views.drift_histogram,
+        name="drift_histogram",
+    ),
 ]
 
 # Alerts (monitoring.alert_views)

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from monitoring import alerts
 from monitoring.models import Alert
+from monitoring.models import DriftRollup
 from portal.models import AuditEvent
 from rollouts import services
 from rollouts.models import Endpoint, Environment
@@ -87,6 +88,7 @@ MATRIX: dict[str, dict[str, dict[str, int]]] = {
         "POST": S(403, 404, 403, 403, 302, 302),
     },
     "monitoring:alert_rule_enabled": {"POST": S(403, 404, 403, 403, 302, 302)},
+    "monitoring:drift_histogram": {"GET": OWN_PAGE},
     # --- API ---
     "api-schema": {"GET": ALL_API},
     "api-models": {"GET": ALL_API},
@@ -225,6 +227,22 @@ def world(
         fired_at=now,
         action=rule.action,
     )
+    drift = DriftRollup.objects.create(
+        endpoint=staging,
+        model_version=v2,
+        granularity="day",
+        window_start=now.replace(hour=0, minute=0, second=0, microsecond=0),
+        reference="training sample",
+        histograms={
+            "mean radius": {
+                "kind": "numeric",
+                "edges": [0.0, 1.0, 2.0],
+                "reference": [0.5, 0.5],
+                "current": [0.2, 0.8],
+            }
+        },
+        computed_at=now,
+    )
     return SimpleNamespace(
         v1=v1,
         v2=v2,
@@ -234,6 +252,7 @@ def world(
         api_key=key,
         rule=rule,
         alert=alert,
+        drift=drift,
     )
 
 
@@ -257,6 +276,11 @@ def _kwargs(route: str, method: str, w: SimpleNamespace) -> dict:
         "monitoring:alert_acknowledge": {"alert_id": w.alert.pk},
         "monitoring:alert_rule_edit": {"rule_id": w.rule.pk},
         "monitoring:alert_rule_enabled": {"rule_id": w.rule.pk},
+        "monitoring:drift_histogram": {
+            "name": w.staging.name,
+            "rollup_id": w.drift.pk,
+            "feature": "mean radius",
+        },
         "api-model": {"name": model},
         "api-model-version": {"name": model, "version": 1},
         "api-model-compare": {"name": model},
