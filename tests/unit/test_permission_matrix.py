@@ -18,8 +18,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 
 from monitoring import alerts
-from monitoring.models import Alert
-from monitoring.models import DriftRollup
+from monitoring.models import Alert, DriftRollup
 from portal.models import AuditEvent
 from rollouts import services
 from rollouts.models import Endpoint, Environment
