@@ -452,8 +452,8 @@ def drift_histogram(endpoint: Endpoint, rollup_id: int, feature: str) -> dict[st
 
 
 def open_alert_counts(endpoint_ids: Iterable[int]) -> dict[int, int]:
-    """Open and acknowledged (not yet resolved) alerts per endpoint id: ``{endpoint_id: count}``,
-    endpoints without any left out. One grouped query (:func:`monitoring.alerts.open_alert_counts`)."""
+    """Open and acknowledged (not yet resolved) alerts per endpoint id: ``{endpoint_id: count}``.
+    One grouped query (:func:`monitoring.alerts.open_alert_counts`)."""
     from monitoring.alerts import open_alert_counts as counts
 
     return counts(endpoint_ids)
