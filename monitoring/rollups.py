@@ -182,7 +182,7 @@ def merge_rollups(parts: Iterable[Rollup]) -> dict[str, Any]:
         "squared_error_sum": 0.0,
         "absolute_error_sum": 0.0,
     }
-    latency = np.zeros(metrics.LATENCY_BUCKETS, dtype=np.int64)
+    latency = np.zeros(0, dtype=np.int64)
     pos = np.zeros(metrics.SCORE_BINS, dtype=np.int64)
     neg = np.zeros(metrics.SCORE_BINS, dtype=np.int64)
     scored = False
@@ -194,7 +194,7 @@ def merge_rollups(parts: Iterable[Rollup]) -> dict[str, Any]:
         out["absolute_error_sum"] += part.absolute_error_sum
         out["task"] = out["task"] or part.task
         if part.latency_hist:
-            latency += np.asarray(part.latency_hist, dtype=np.int64)
+            latency = metrics.add_histograms(latency, part.latency_hist)
         if part.score_pos_hist:
             scored = True
             pos += np.asarray(part.score_pos_hist, dtype=np.int64)
@@ -374,6 +374,27 @@ def _shares(counts: np.ndarray) -> list[float]:
     return (counts / total).tolist() if total else [0.0] * len(counts)
 
 
+#: The figures of a feature that pages show (heatmap colour and hover, drift tables).
+SUMMARY_FIELDS = ("name", "status", "psi", "jensen_shannon", "reason")
+
+
+def drift_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The part of a :meth:`DatasetDrift.as_dict` result that pages read: per feature (and the
+    prediction) its name, status, PSI, Jensen-Shannon distance and reason; the window's
+    reason and counts. The full result stays for the one-feature histogram view."""
+
+    def trim(feature: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if feature is None else {k: feature.get(k) for k in SUMMARY_FIELDS}
+
+    return {
+        "reason": result.get("reason"),
+        "n_evaluated": result.get("n_evaluated"),
+        "n_drifted": result.get("n_drifted"),
+        "features": [trim(f) for f in result.get("features") or []],
+        "prediction": trim(result.get("prediction")),
+    }
+
+
 def compute_drift_window(
     endpoint_id: int, version: ModelVersion, granularity: str, start: datetime
 ) -> dict[str, Any]:
@@ -388,6 +409,7 @@ def compute_drift_window(
             "drifted": None,
             "share_drifted": None,
             "result": {"drifted": None, "reason": reason, "features": [], "prediction": None},
+            "summary": {"reason": reason, "features": [], "prediction": None},
             "histograms": {},
         }
     base, per_feature, share = thresholds_for(endpoint_id)
@@ -405,7 +427,8 @@ def compute_drift_window(
         "reference": prepared.source,
         "drifted": result.drifted if result.share_drifted is not None else None,
         "share_drifted": result.share_drifted,
-        "result": result.as_dict(),
+        "result": (full := result.as_dict()),
+        "summary": drift_summary(full),
         "histograms": histograms(prepared, current),
     }
 

@@ -340,7 +340,8 @@ def endpoint_figures(
 
 @dataclass
 class DriftWindow:
-    """One drift rollup without its histograms (they are read one at a time, on click)."""
+    """One drift rollup without its histograms (they are read one at a time, on click);
+    ``result`` is its summary (:func:`monitoring.rollups.drift_summary`)."""
 
     id: int
     version: int
@@ -386,7 +387,7 @@ def drift_windows(endpoint: Endpoint, rng: Range) -> list[DriftWindow]:
             "reference",
             "drifted",
             "share_drifted",
-            "result",
+            "summary",  # a tenth of "result": pages need names, statuses, PSI and reasons
         )
     )
     return [DriftWindow(*row) for row in rows]
@@ -491,7 +492,8 @@ def endpoint_health(
         health.requests += requests
         health.errors += errors
         if hist:
-            acc = hists.setdefault(endpoint_id, [0] * len(hist))
+            acc = hists.setdefault(endpoint_id, [])
+            acc.extend([0] * (len(hist) - len(acc)))  # histograms end at their last non-zero
             for i, n in enumerate(hist):
                 if n:
                     acc[i] += n
@@ -523,7 +525,7 @@ def latest_day_drift(endpoint_ids: Iterable[int]) -> dict[int, list[DriftWindow]
             "reference",
             "drifted",
             "share_drifted",
-            "result",
+            "summary",
         )
     )
     out: dict[int, list[DriftWindow]] = defaultdict(list)

@@ -18,7 +18,7 @@ from django.utils import timezone
 from monitoring import metrics, selectors
 from monitoring.figures import strict
 from monitoring.models import DriftRollup, Rollup
-from monitoring.rollups import floor_day, floor_hour
+from monitoring.rollups import drift_summary, floor_day, floor_hour
 from registry.models import ModelVersion, RegisteredModel
 from rollouts import services
 from rollouts.models import Deployment, DeploymentRequest, Environment
@@ -115,6 +115,15 @@ def _drift(endpoint, version, granularity, start, statuses, *, histograms=None):
     n_drifted = sum(s == "drift" for s in statuses.values())
     evaluated = sum(s != "insufficient data" for s in statuses.values())
     share = n_drifted / evaluated if evaluated else None
+    result = {
+        "drifted": share is not None and share >= 0.5,
+        "share_drifted": share,
+        "n_evaluated": evaluated,
+        "n_drifted": n_drifted,
+        "reason": "",
+        "features": features,
+        "prediction": _feature("prediction", "ok", 0.02),
+    }
     return DriftRollup(
         endpoint=endpoint,
         model_version=version,
@@ -124,15 +133,8 @@ def _drift(endpoint, version, granularity, start, statuses, *, histograms=None):
         reference="training sample",
         drifted=None if share is None else share >= 0.5,
         share_drifted=share,
-        result={
-            "drifted": share is not None and share >= 0.5,
-            "share_drifted": share,
-            "n_evaluated": evaluated,
-            "n_drifted": n_drifted,
-            "reason": "",
-            "features": features,
-            "prediction": _feature("prediction", "ok", 0.02),
-        },
+        result=result,
+        summary=drift_summary(result),
         histograms=histograms
         if histograms is not None
         else {
@@ -312,6 +314,7 @@ def test_drift_heatmap_and_histogram_endpoint(client, endpoint, versions, manage
         histograms={},
     )
     new.result["features"][1]["reason"] = "the current window has no usable values"
+    new.summary = drift_summary(new.result)
     DriftRollup.objects.bulk_create([old, new])
     old, new = DriftRollup.objects.order_by("window_start")
     client.force_login(manager)

@@ -35,9 +35,10 @@ def _confusion(y_true, y_pred) -> metrics.Confusion:
 
 def test_binary_figures_equal_scikit_learn():
     rng = np.random.default_rng(7)
-    y_true = rng.integers(0, 2, 500)
-    y_pred = np.where(rng.random(500) < 0.8, y_true, 1 - y_true)
-    scores = (rng.permutation(1000)[:500] + 0.5) / 1000  # distinct bins: AUC exact
+    n, bins = 180, metrics.SCORE_BINS
+    y_true = rng.integers(0, 2, n)
+    y_pred = np.where(rng.random(n) < 0.8, y_true, 1 - y_true)
+    scores = (rng.permutation(bins)[:n] + 0.5) / bins  # distinct bins: AUC exact
     pos, neg = metrics.score_histograms(scores, (y_true == 1).tolist())
 
     q = metrics.classification_quality(_confusion(y_true, y_pred), pos, neg)
@@ -101,6 +102,25 @@ def test_latency_percentiles_from_the_histogram_are_within_the_bucket_error():
         assert estimate == pytest.approx(np.percentile(latencies, q), rel=0.09)
     assert metrics.latency_percentile(metrics.latency_histogram([]), 50) is None
     assert sum(metrics.latency_histogram([1.0, float("nan"), float("inf")])) == 1
+
+
+def test_binned_roc_auc_stays_within_the_tied_pairs_bound():
+    rng = np.random.default_rng(11)
+    y_true = rng.integers(0, 2, 5000)
+    scores = np.clip(rng.normal(0.35 + 0.3 * y_true, 0.2), 0, 1)
+    pos, neg = metrics.score_histograms(scores, (y_true == 1).tolist())
+    p, q = np.asarray(pos, float), np.asarray(neg, float)
+    tied_share = float((p * q).sum() / (p.sum() * q.sum()))
+    assert metrics.roc_auc_from_histograms(pos, neg) == pytest.approx(
+        skm.roc_auc_score(y_true, scores), abs=tied_share / 2
+    )
+
+
+def test_histograms_with_different_trailing_zeros_merge():
+    short, long = metrics.latency_histogram([1.0]), metrics.latency_histogram([1.0, 900.0])
+    assert len(short) < len(long)
+    merged = metrics.add_histograms(metrics.add_histograms(np.zeros(0, dtype=int), short), long)
+    assert merged.sum() == 3 and metrics.latency_percentile(merged, 99) > 800
 
 
 # --- rollups from the log ----------------------------------------------------------------------
