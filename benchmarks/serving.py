@@ -197,7 +197,13 @@ def main() -> None:
     )
     parser.add_argument("--duration", type=int, default=15, help="seconds per run (default 15)")
     parser.add_argument("--connections", default="1,16,64", help="concurrency levels")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gunicorn worker processes (default 1, as the baseline's `-w 1`: on two cores wrk "
+        "needs the other one; 2 measured slower here, the first worker takes most connections)",
+    )
     parser.add_argument(
         "--soak",
         type=int,
