@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -210,13 +211,18 @@ def merge_rollups(parts: Iterable[Rollup]) -> dict[str, Any]:
 def _save_rollup(
     endpoint_id: int, version_id: int, granularity: str, start: datetime, fields: dict
 ) -> None:
-    Rollup.objects.update_or_create(
+    """Store a window's rollup; a window left with nothing in it (its rows were moved or
+    deleted) loses its rollup instead of keeping a row of zeros."""
+    key = dict(
         endpoint_id=endpoint_id,
         model_version_id=version_id,
         granularity=granularity,
         window_start=start,
-        defaults={**fields, "computed_at": timezone.now()},
     )
+    if not fields["rows"] and not fields["errors"]:
+        Rollup.objects.filter(**key).delete()
+        return
+    Rollup.objects.update_or_create(**key, defaults={**fields, "computed_at": timezone.now()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +236,9 @@ class PreparedReference:
     frame: pd.DataFrame
 
 
-_references: dict[tuple, PreparedReference | None] = {}
+#: Prepared references kept per process (oldest dropped first).
+REFERENCE_CACHE_SIZE = 32
+_references: OrderedDict[tuple, PreparedReference | None] = OrderedDict()
 
 
 def _window_frame(
@@ -260,8 +268,9 @@ def reference_for(endpoint_id: int, version: ModelVersion) -> PreparedReference 
     one, else the training sample logged with the model (its predictions scored by the model
     itself, for prediction drift). None when neither exists. Cached per process."""
     baseline = DriftBaseline.objects.filter(endpoint_id=endpoint_id, model_version=version).first()
-    key = (endpoint_id, version.pk, baseline.chosen_at if baseline else None)
+    key = (endpoint_id, version.pk, version.run_id, baseline.chosen_at if baseline else None)
     if key in _references:
+        _references.move_to_end(key)
         return _references[key]
     from registry import mlflow_client
 
@@ -297,6 +306,8 @@ def reference_for(endpoint_id: int, version: ModelVersion) -> PreparedReference 
         )
         prepared = PreparedReference(reference=reference, source=source[:200], frame=frame)
     _references[key] = prepared
+    while len(_references) > REFERENCE_CACHE_SIZE:
+        _references.popitem(last=False)
     return prepared
 
 
@@ -431,13 +442,13 @@ def refresh_drift(
     endpoint_id: int, version: ModelVersion, granularity: str, start: datetime
 ) -> None:
     fields = compute_drift_window(endpoint_id, version, granularity, start)
-    DriftRollup.objects.update_or_create(
-        endpoint_id=endpoint_id,
-        model_version=version,
-        granularity=granularity,
-        window_start=start,
-        defaults={**fields, "computed_at": timezone.now()},
+    key = dict(
+        endpoint_id=endpoint_id, model_version=version, granularity=granularity, window_start=start
     )
+    if not fields["rows"]:
+        DriftRollup.objects.filter(**key).delete()
+        return
+    DriftRollup.objects.update_or_create(**key, defaults={**fields, "computed_at": timezone.now()})
 
 
 def rollups_refresh(*, limit: int = 5000, with_drift: bool = True) -> RefreshResult:

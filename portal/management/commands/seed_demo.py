@@ -14,7 +14,9 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.management.base import BaseCommand, CommandError
 
-from portal.management.commands.replay_traffic import replay
+from monitoring.rollups import rollups_refresh
+from portal.management.commands.replay_traffic import Shift, replay
+from portal.management.commands.replay_traffic import simulate_days as simulate_days_of_traffic
 from portal.models import Team
 from portal.roles import DATA_SCIENTISTS, MANAGERS, PLATFORM_ADMINS, REVIEWERS, ensure_role_groups
 from registry import mlflow_client
@@ -42,6 +44,9 @@ PERSONAS = {
 }
 TEAM = ("Diagnostics", "diagnostics")
 STAGING_TOLERANCE = 0.05
+#: The demo's drift episode: two weeks of held-out traffic, two features shifting from day 9.
+EPISODE_SHIFTS = [Shift("mean radius", "*", 1.3), Shift("mean texture", "+", 4.0)]
+EPISODE_SHIFT_FROM_DAY = 9
 CREDENTIALS = Path(settings.VAR_DIR) / "demo-credentials.json"
 EXAMPLE_REQUEST = Path(settings.VAR_DIR) / "example-request.json"
 
@@ -53,8 +58,16 @@ class Command(BaseCommand):
         parser.add_argument("--url", default=settings.SITE_URL, help="where the portal answers")
         parser.add_argument("--replay-rows", type=int, default=120, help="held-out rows to replay")
         parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for v1")
+        parser.add_argument(
+            "--simulate-days",
+            type=int,
+            default=14,
+            help="days of simulated traffic with a drift episode (0: none)",
+        )
 
-    def handle(self, *args, url: str, replay_rows: int, timeout: float, **options):
+    def handle(
+        self, *args, url: str, replay_rows: int, timeout: float, simulate_days: int, **options
+    ):
         previous = json.loads(CREDENTIALS.read_text()) if CREDENTIALS.exists() else {}
         users = self._users(previous.get("users", {}))
         team, _ = Team.objects.get_or_create(slug=TEAM[1], defaults={"name": TEAM[0]})
@@ -84,6 +97,23 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"replayed {counts['sent']} held-out rows with {counts['labeled']} labels"
             )
+            if simulate_days > EPISODE_SHIFT_FROM_DAY:
+                counts = simulate_days_of_traffic(
+                    url=url,
+                    endpoint=endpoint.name,
+                    api_key=api_key,
+                    days=simulate_days,
+                    rows_per_day=100,
+                    shifts=EPISODE_SHIFTS,
+                    shift_from_day=EPISODE_SHIFT_FROM_DAY,
+                )
+                self.stdout.write(
+                    f"simulated {simulate_days} days ({counts['sent']} requests); "
+                    f"{', '.join(s.feature for s in EPISODE_SHIFTS)} drift from day "
+                    f"{EPISODE_SHIFT_FROM_DAY}"
+                )
+            done = rollups_refresh()
+            self.stdout.write(f"rolled up {done.hours} hours and {done.days} days")
         credentials = {
             "url": url,
             "users": {
