@@ -83,11 +83,16 @@ def pg_admin(pg: str, sql: str) -> None:
         conn.execute(sql)
 
 
-def setup_django(pg: str, database: str, var_dir: Path) -> None:
-    shutil.rmtree(var_dir, ignore_errors=True)
-    var_dir.mkdir(parents=True)
-    pg_admin(pg, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    pg_admin(pg, f'CREATE DATABASE "{database}"')
+def setup_django(pg: str, database: str, var_dir: Path, *, fresh: bool = True) -> None:
+    """Point Django at the bench database and var folder (recreated unless ``fresh`` is
+    false: ``--reuse`` keeps both from a ``--keep`` run)."""
+    if fresh:
+        shutil.rmtree(var_dir, ignore_errors=True)
+        var_dir.mkdir(parents=True)
+        pg_admin(pg, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        pg_admin(pg, f'CREATE DATABASE "{database}"')
+    elif not (var_dir / "mlflow.sqlite").exists():
+        raise SystemExit(f"--reuse: {var_dir} has no MLflow store; run once with --keep")
     os.environ.update(
         DATABASE_URL=f"{pg}/{database}",
         ROLLGATE_VAR_DIR=str(var_dir),
@@ -206,6 +211,28 @@ def build_fixture(start: datetime, end: datetime) -> dict:
     return {"endpoint": endpoint, "versions": versions, "manager": people[MANAGERS]}
 
 
+def load_fixture() -> tuple[dict, datetime, int]:
+    """``--reuse``: the fixture, the end of the logged period and the row count of a kept
+    bench database (after migrating it to the current code)."""
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+    from django.db.models import Max
+
+    from registry.models import ModelVersion
+    from rollouts.models import Endpoint, PredictionLog
+
+    call_command("migrate", interactive=False, verbosity=0)
+    fixture = {
+        "endpoint": Endpoint.objects.get(name=f"{MODEL}-production"),
+        "versions": list(
+            ModelVersion.objects.filter(registered_model__name=MODEL).order_by("version")
+        ),
+        "manager": User.objects.get(username="bench-manager"),
+    }
+    end = PredictionLog.objects.aggregate(end=Max("created_at"))["end"] + timedelta(minutes=1)
+    return fixture, end, PredictionLog.objects.count()
+
+
 def seed_rows(versions) -> list[tuple]:
     """The 569 real breast-cancer rows with each version's prediction and positive-class score
     (the estimators of ``make_estimator`` are deterministic, so these are the registered
@@ -281,11 +308,17 @@ def fill(fixture: dict, rows: int, days: int, end: datetime) -> dict:
             else:
                 cursor.execute(f'DROP INDEX "{name}"')
 
+        # Bulk-load practice: no foreign-key triggers while loading rows whose keys are known.
+        loaded = ("rollouts_predictionlog", "monitoring_groundtruth", "rollouts_servingerror")
+        for name in loaded:
+            cursor.execute(f"ALTER TABLE {name} DISABLE TRIGGER ALL")
+
         began = time.perf_counter()
         params = {
             "start": start,
             "seconds": seconds,
-            "n": rows,
+            "step": seconds / rows,
+            "jitter": seconds / rows / 1000003,
             "seed": n_seed,
             "endpoint": endpoint.pk,
             "v1": versions[0].pk,
@@ -312,8 +345,7 @@ def fill(fixture: dict, rows: int, days: int, end: datetime) -> dict:
                             ELSE s.features END,
                        to_jsonb(CASE r.v WHEN 1 THEN s.p1 WHEN 2 THEN s.p2 ELSE s.p3 END),
                        CASE r.v WHEN 1 THEN s.s1 WHEN 2 THEN s.s2 ELSE s.s3 END,
-                       round((12 * exp(0.5 * sqrt(-2 * ln(1 - random()))
-                                       * cos(2 * pi() * random())))::numeric, 3)::float8,
+                       12 * exp(0.5 * sqrt(-2 * ln(1 - random())) * cos(2 * pi() * random())),
                        r.created_at
                   FROM (
                         SELECT t.g, t.created_at,
@@ -323,8 +355,8 @@ def fill(fixture: dict, rows: int, days: int, end: datetime) -> dict:
                                     WHEN t.g < %(canary_from)s OR t.g %% 2 = 1 THEN 2
                                     ELSE 3 END AS v
                           FROM (SELECT g, %(start)s::timestamptz + make_interval(secs =>
-                                         (g + ((g * 2654435761) %% 1000003) / 1000003.0)
-                                         * %(seconds)s / %(n)s) AS created_at
+                                         g * %(step)s + ((g * 2654435761) %% 1000003) * %(jitter)s)
+                                         AS created_at
                                   FROM generate_series(%(lo)s::bigint, %(hi)s::bigint - 1) g) t
                        ) r
                   JOIN bench_seed s ON s.i = r.src
@@ -370,6 +402,8 @@ def fill(fixture: dict, rows: int, days: int, end: datetime) -> dict:
         )
         timings["errors_s"] = time.perf_counter() - mark
 
+        for name in loaded:
+            cursor.execute(f"ALTER TABLE {name} ENABLE TRIGGER ALL")
         mark = time.perf_counter()
         for kind, name, definition in indexes:
             if kind == "constraint":
@@ -425,27 +459,75 @@ def mark_all_stale() -> int:
         return cursor.rowcount
 
 
-def refresh_rollups(fixture: dict, drift_days: int, end: datetime) -> dict:
-    from monitoring.models import Granularity, Rollup
-    from monitoring.rollups import floor_day, refresh_drift, rollups_refresh
+COMPARED = (
+    "requests",
+    "rows",
+    "errors",
+    "latency_hist",
+    "labeled",
+    "task",
+    "confusion",
+    "score_pos_hist",
+    "score_neg_hist",
+)
 
+
+def refresh_rollups(fixture: dict, python_hours: int, drift_days: int, end: datetime) -> dict:
+    """Mark every hour stale; time the hour-by-hour Python refresh on the oldest
+    ``python_hours`` marks (extrapolated to all rows); rebuild everything with the set-based
+    ``rollups_rebuild``, check it against the Python-refreshed hours; then the drift of the
+    last ``drift_days`` day windows."""
+    from monitoring.models import Granularity, Rollup, StaleWindow
+    from monitoring.rollups import floor_day, refresh_drift, rollups_rebuild, rollups_refresh
+
+    endpoint = fixture["endpoint"]
+    Rollup.objects.filter(endpoint=endpoint).delete()  # --reuse: start from none
     mark = time.perf_counter()
     stale = mark_all_stale()
     log(f"rollups: {stale:,} stale hours marked in {time.perf_counter() - mark:.1f} s")
+    first_hour = StaleWindow.objects.order_by("hour").values_list("hour", flat=True).first()
+
     began = time.perf_counter()
-    hours = days = 0
-    while True:
-        result = rollups_refresh(limit=1000, with_drift=False)
-        if not result.hours:
-            break
-        hours += result.hours
-        days += result.days
-        log(f"rollups: {hours:,} hours refreshed in {time.perf_counter() - began:.1f} s")
+    sample = rollups_refresh(limit=python_hours, with_drift=False) if python_hours else None
+    python_s = time.perf_counter() - began
+    python_rollups = {
+        (r.model_version_id, r.window_start): r
+        for r in Rollup.objects.filter(endpoint=endpoint, granularity=Granularity.HOUR)
+    }
+    python_rows = sum(r.rows for r in python_rollups.values())
+    total_rows = fixture["rows"]
+    python_full_s = python_s * total_rows / python_rows if python_rows else float("nan")
+    if sample:
+        log(
+            f"rollups: Python path (rollups_refresh) on {sample.hours} hours / "
+            f"{python_rows:,} rows in {python_s:.1f} s ({python_rows / python_s:,.0f} rows/s): "
+            f"about {python_full_s / 60:.1f} min for all {total_rows:,} rows"
+        )
+
+    began = time.perf_counter()
+    rebuilt = rollups_rebuild(endpoint.pk, first_hour, end + timedelta(hours=1))
     quality_s = time.perf_counter() - began
+    log(
+        f"rollups: rollups_rebuild of {rebuilt.hours:,} hours and {rebuilt.days} days in "
+        f"{quality_s:.1f} s ({total_rows / quality_s:,.0f} rows/s)"
+    )
+    fresh = {
+        (r.model_version_id, r.window_start): r
+        for r in Rollup.objects.filter(endpoint=endpoint, granularity=Granularity.HOUR)
+    }
+    mismatches = [
+        (key, name)
+        for key, expected in python_rollups.items()
+        for name in COMPARED
+        if key not in fresh or getattr(fresh[key], name) != getattr(expected, name)
+    ]
+    if mismatches:
+        raise SystemExit(f"rollups_rebuild differs from the Python path: {mismatches[:5]}")
+    log(f"rollups: rebuild equals the Python path on the {len(python_rollups)} sampled hours")
+    left = StaleWindow.objects.count()
 
     began = time.perf_counter()
     windows = 0
-    endpoint = fixture["endpoint"]
     first_day = floor_day(end) - timedelta(days=drift_days - 1)
     for version in fixture["versions"]:
         days_with_rows = Rollup.objects.filter(
@@ -462,8 +544,13 @@ def refresh_rollups(fixture: dict, drift_days: int, end: datetime) -> dict:
     log(f"rollups: drift of {windows} day windows in {drift_s:.1f} s")
     return {
         "stale": stale,
-        "hours": hours,
-        "days": days,
+        "stale_left": left,
+        "python_hours": sample.hours if sample else 0,
+        "python_rows": python_rows,
+        "python_s": python_s,
+        "python_full_s": python_full_s,
+        "hours": rebuilt.hours,
+        "days": rebuilt.days,
         "quality_s": quality_s,
         "drift_windows": windows,
         "drift_s": drift_s,
@@ -476,9 +563,16 @@ def refresh_rollups(fixture: dict, drift_days: int, end: datetime) -> dict:
 
 def time_page(client, url: str, repeats: int, slow_page_s: float) -> dict:
     from django.db import connection
-    from django.test.utils import CaptureQueriesContext
 
-    with CaptureQueriesContext(connection) as captured:
+    queries = []
+
+    def count(execute, sql, params, many, context):
+        queries.append(sql)
+        return execute(sql, params, many, context)
+
+    # An execute wrapper, not CaptureQueriesContext: the test client closes the connection at
+    # the end of each request (CONN_MAX_AGE 0) and the reconnect clears connection.queries.
+    with connection.execute_wrapper(count):
         began = time.perf_counter()
         response = client.get(url)
         warm_ms = (time.perf_counter() - began) * 1000
@@ -497,7 +591,7 @@ def time_page(client, url: str, repeats: int, slow_page_s: float) -> dict:
         "warm_ms": warm_ms,
         "times": times,
         "median_ms": statistics.median(times),
-        "queries": len(captured.captured_queries),
+        "queries": len(queries),
         "bytes": len(response.content),
     }
 
@@ -533,41 +627,57 @@ def run(args: argparse.Namespace) -> tuple[dict, int]:
     disk = shutil.disk_usage(ROOT)
     log(f"disk: {disk.free / 2**30:.1f} GiB free on {ROOT}")
     needed = args.rows * 1.6e3  # bytes per row, table + indexes + ground truth, measured
-    if needed > disk.free * 0.8:
+    if not args.reuse and needed > disk.free * 0.8:
         raise SystemExit(f"not enough disk for {args.rows:,} rows (~{needed / 2**30:.0f} GiB)")
     var_dir = ROOT / "var" / args.var_name
     began = time.perf_counter()
-    setup_django(args.pg, args.database, var_dir)
+    setup_django(args.pg, args.database, var_dir, fresh=not args.reuse)
+    filled = rolled = pages = None
     try:
         from django.utils import timezone
 
-        end = timezone.now().replace(second=0, microsecond=0) - timedelta(minutes=1)
-        start = end - timedelta(days=args.days)
-        fixture = build_fixture(start, end)
-        log(
-            f"setup: database {args.database}, {len(fixture['versions'])} versions, endpoint "
-            f"{fixture['endpoint'].name}, in {time.perf_counter() - began:.1f} s"
-        )
-        filled = fill(fixture, args.rows, args.days, end)
-        log(
-            f"fill: {filled['rows']:,} rows + {filled['labels']:,} labels + "
-            f"{filled['errors']:,} errors in {filled['total_s']:.1f} s (log {filled['log_s']:.1f} s, "
-            f"labels {filled['labels_s']:.1f} s, indexes {filled['indexes_s']:.1f} s, "
-            f"vacuum/analyze {filled['analyze_s']:.1f} s); prediction log {filled['size']}"
-        )
-        rolled = refresh_rollups(fixture, args.drift_days, end)
-        log(
-            f"rollups: {rolled['hours']:,} hour rollups ({rolled['days']} day merges) in "
-            f"{rolled['quality_s']:.1f} s; {rolled['drift_windows']} day drift windows in "
-            f"{rolled['drift_s']:.1f} s"
-        )
-        pages = measure_pages(fixture, args.repeats, args.slow_page)
+        if args.reuse:
+            fixture, end, rows = load_fixture()
+            log(f"reuse: database {args.database} with {rows:,} rows up to {end:%Y-%m-%d %H:%M}")
+        else:
+            end = timezone.now().replace(second=0, microsecond=0) - timedelta(minutes=1)
+            start = end - timedelta(days=args.days)
+            fixture = build_fixture(start, end)
+            log(
+                f"setup: database {args.database}, {len(fixture['versions'])} versions, "
+                f"endpoint {fixture['endpoint'].name}, in {time.perf_counter() - began:.1f} s"
+            )
+            filled = fill(fixture, args.rows, args.days, end)
+            rows = args.rows
+            log(
+                f"fill: {filled['rows']:,} rows + {filled['labels']:,} labels + "
+                f"{filled['errors']:,} errors in {filled['total_s']:.1f} s (log "
+                f"{filled['log_s']:.1f} s, labels {filled['labels_s']:.1f} s, indexes "
+                f"{filled['indexes_s']:.1f} s, vacuum/analyze {filled['analyze_s']:.1f} s); "
+                f"prediction log {filled['size']}"
+            )
+        fixture["rows"] = rows
+        if not args.skip_rollups:
+            rolled = refresh_rollups(fixture, args.python_hours, args.drift_days, end)
+            log(
+                f"rollups: {rolled['hours']:,} hour and {rolled['days']} day rollups in "
+                f"{rolled['quality_s']:.1f} s (set-based); Python path estimated "
+                f"{rolled['python_full_s'] / 60:.1f} min; {rolled['drift_windows']} day drift "
+                f"windows in {rolled['drift_s']:.1f} s; {rolled['stale_left']} stale marks left"
+            )
+        if args.skip_pages:
+            log("pages: not measured (--skip-pages)")
+        else:
+            pages = measure_pages(fixture, args.repeats, args.slow_page)
     finally:
         if args.keep:
             log(f"kept database {args.database} and {var_dir}")
         else:
             drop_database(args.pg, args.database)
             shutil.rmtree(var_dir, ignore_errors=True)
+    if pages is None:
+        log("dashboard: version_ms=nan overview_ms=nan queries=0")
+        return {"fill": filled, "rollups": rolled, "pages": None}, 0
     version_ms = pages["version"]["median_ms"]
     overview_ms = pages["overview"]["median_ms"]
     queries = max(pages["version"]["queries"], pages["overview"]["queries"])
@@ -587,12 +697,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--days", type=int, default=90)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--python-hours", type=int, default=200, help="hours timed on the Python rollup path"
+    )
     parser.add_argument("--drift-days", type=int, default=14, help="day windows with drift")
     parser.add_argument("--slow-page", type=float, default=20.0, help="seconds: time once")
     parser.add_argument("--pg", default="postgres://postgres@127.0.0.1:5432")
     parser.add_argument("--database", default="rollgate_bench")
     parser.add_argument("--var-name", default="bench-dashboard", help="folder under var/")
     parser.add_argument("--keep", action="store_true", help="keep the bench database")
+    parser.add_argument(
+        "--reuse", action="store_true", help="measure a kept database again (no setup, no fill)"
+    )
+    parser.add_argument("--skip-rollups", action="store_true", help="with --reuse")
+    parser.add_argument("--skip-pages", action="store_true", help="fill and roll up only")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     return parser.parse_args(argv)
 
