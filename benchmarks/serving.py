@@ -263,7 +263,14 @@ def main() -> None:
         "PROMETHEUS_MULTIPROC_DIR": str(work / "prometheus"),
     }
     web = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "portal.wsgi", "-c", "portal/gunicorn_conf.py"],
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "portal.asgi:application",
+            "-c",
+            "portal/gunicorn_conf.py",
+        ],
         cwd=ROOT,
         env=web_env,
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import authentication, permissions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -88,20 +90,123 @@ class FeedbackApi(ApiView):
         return Response(self.OutputSerializer(result).data)
 
 
+class FiniteFloatField(serializers.FloatField):
+    """A nullable float sent as null when it is NaN or infinite (strict JSON has neither)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("allow_null", True)
+        super().__init__(**kwargs)
+
+    def to_representation(self, value):
+        value = float(value)
+        return value if math.isfinite(value) else None
+
+
+class MetricsWindowSerializer(serializers.Serializer):
+    window_start = serializers.DateTimeField()
+    requests = serializers.IntegerField()
+    rows = serializers.IntegerField()
+    errors = serializers.IntegerField()
+    labeled = serializers.IntegerField()
+    error_rate = FiniteFloatField()
+    label_coverage = FiniteFloatField()
+    accuracy = FiniteFloatField()
+    rmse = FiniteFloatField()
+    latency_p50_ms = FiniteFloatField()
+    latency_p95_ms = FiniteFloatField()
+    latency_p99_ms = FiniteFloatField()
+    traffic_share = FiniteFloatField()
+
+
+class ConfusionSerializer(serializers.Serializer):
+    labels = serializers.ListField(child=serializers.CharField())
+    matrix = serializers.ListField(
+        child=serializers.ListField(child=serializers.IntegerField()),
+        help_text="matrix[i][j]: rows labeled labels[i] and predicted labels[j]",
+    )
+
+
+class VersionMetricsSerializer(serializers.Serializer):
+    """Figures of one version over the range; a null figure has its reason in ``undefined``."""
+
+    version = serializers.IntegerField()
+    role = serializers.ChoiceField(choices=["stable", "canary", "not live"])
+    traffic_weight = serializers.IntegerField(allow_null=True)
+    task = serializers.CharField(help_text="classification or regression")
+    window = serializers.SerializerMethodField()
+    range_start = serializers.SerializerMethodField()
+    requests = serializers.IntegerField()
+    rows = serializers.IntegerField()
+    errors = serializers.IntegerField()
+    labeled = serializers.IntegerField()
+    error_rate = FiniteFloatField()
+    label_coverage = FiniteFloatField()
+    latency_p50_ms = FiniteFloatField()
+    latency_p95_ms = FiniteFloatField()
+    latency_p99_ms = FiniteFloatField()
+    accuracy = FiniteFloatField()
+    precision = FiniteFloatField()
+    recall = FiniteFloatField()
+    f1 = FiniteFloatField()
+    roc_auc = FiniteFloatField()
+    rmse = FiniteFloatField()
+    mae = FiniteFloatField()
+    average = serializers.CharField(help_text="binary (positive class) or macro")
+    undefined = serializers.DictField(
+        child=serializers.CharField(), help_text="why a figure is null"
+    )
+    confusion = serializers.SerializerMethodField()
+    windows = serializers.SerializerMethodField()
+
+    @extend_schema_field(serializers.ChoiceField(choices=list(selectors.WINDOWS)))
+    def get_window(self, obj) -> str:
+        return self.context["range"].window
+
+    @extend_schema_field(serializers.DateTimeField())
+    def get_range_start(self, obj):
+        return serializers.DateTimeField().to_representation(self.context["range"].start)
+
+    @extend_schema_field(ConfusionSerializer(allow_null=True))
+    def get_confusion(self, obj):
+        if obj.is_regression:
+            return None
+        return {"labels": obj.confusion_labels, "matrix": obj.confusion_matrix}
+
+    @extend_schema_field(MetricsWindowSerializer(many=True))
+    def get_windows(self, obj):
+        points = self.context["series"].get(obj.version, [])
+        return MetricsWindowSerializer(points, many=True).data
+
+
 class EndpointMetricsApi(ApiView):
-    """``GET /api/endpoints/<name>/metrics``: per-version figures, as on the dashboard."""
+    """``GET /api/endpoints/<name>/metrics[?window=hour|day][&days=N]``: per-version figures
+    over the range, as on the dashboard, read from rollups; each version also lists its figures
+    per window. ``window`` and ``days`` default as on the dashboard (day windows when the data
+    spans more than 3 days; 7 days of hours, 90 days of days); a bad value is a 400."""
 
-    class OutputSerializer(serializers.Serializer):
-        version = serializers.IntegerField()
-        requests = serializers.IntegerField()
-        rows = serializers.IntegerField()
-        labeled = serializers.IntegerField()
-        label_coverage = serializers.FloatField(allow_null=True)
-        accuracy = serializers.FloatField(allow_null=True)
-        latency_p50_ms = serializers.FloatField(allow_null=True)
-        latency_p95_ms = serializers.FloatField(allow_null=True)
-
-    @extend_schema(responses=OutputSerializer(many=True))
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("window", str, enum=list(selectors.WINDOWS), required=False),
+            OpenApiParameter(
+                "days",
+                int,
+                required=False,
+                description="range in days (at most 31 for hour windows, 731 for day windows)",
+            ),
+        ],
+        responses=VersionMetricsSerializer(many=True),
+    )
     def get(self, request: Request, name: str) -> Response:
         endpoint = get_object_or_404(endpoints_visible_to(request.user), name=name)
-        return Response(self.OutputSerializer(selectors.version_stats(endpoint), many=True).data)
+        try:
+            rng = selectors.dashboard_range(endpoint, request.query_params)
+        except selectors.BadQuery as exc:
+            raise serializers.ValidationError({"detail": str(exc)}) from exc
+        result = selectors.endpoint_figures(endpoint, rng)
+        series: dict[int, list] = {}
+        for point in result.series:
+            series.setdefault(point.version, []).append(point)
+        data = VersionMetricsSerializer(
+            result.versions, many=True, context={"range": rng, "series": series}
+        ).data
+        return Response(data)

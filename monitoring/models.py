@@ -178,3 +178,215 @@ class DriftSettings(models.Model):
 
     def __str__(self) -> str:
         return f"drift settings of {self.endpoint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Alerts (see monitoring.alerts for how rules are evaluated)
+
+
+class AlertKind(models.TextChoices):
+    DRIFT = "drift", "Drift"
+    ACCURACY_DROP = "accuracy_drop", "Accuracy drop below the offline figure"
+    ERROR_RATE = "error_rate", "Error rate"
+    LATENCY = "latency", "Latency"
+    LABEL_COVERAGE = "label_coverage", "Label coverage"
+
+
+class AlertAction(models.TextChoices):
+    NOTIFY = "notify", "Notify (e-mail and portal)"
+    ROLLBACK = "rollback", "Roll back to the previous stable version"
+    RETRAINING_REQUEST = "retraining_request", "Open a retraining request"
+
+
+class AlertRule(models.Model):
+    """A condition on one endpoint's rollups, evaluated by Celery beat for its stable version.
+
+    ``threshold`` means, per kind: ``drift`` the dataset's share of drifted features (or, with
+    ``feature``, that feature's PSI) at or above which the rule fires, empty meaning "the
+    window is flagged as drifted"; ``accuracy_drop`` the tolerance below the version's offline
+    accuracy; ``error_rate`` the largest acceptable share of failed requests; ``latency`` the
+    largest acceptable ``percentile`` in ms; ``label_coverage`` the smallest acceptable share of
+    labeled rows. Validation lives in :func:`monitoring.alerts.alert_rule_validate`.
+    """
+
+    endpoint = models.ForeignKey(
+        "rollouts.Endpoint", on_delete=models.CASCADE, related_name="alert_rules"
+    )
+    name = models.CharField(max_length=100, blank=True, help_text="empty: described by its kind")
+    kind = models.CharField(max_length=20, choices=AlertKind.choices)
+    threshold = models.FloatField(null=True, blank=True)
+    feature = models.CharField(
+        max_length=255, blank=True, help_text="drift only: one column instead of the dataset"
+    )
+    granularity = models.CharField(
+        max_length=4,
+        choices=Granularity.choices,
+        default=Granularity.HOUR,
+        help_text="drift only: which drift windows are read",
+    )
+    percentile = models.PositiveSmallIntegerField(
+        choices=[(95, "p95"), (99, "p99")], default=95, help_text="latency only"
+    )
+    window_hours = models.PositiveIntegerField(
+        default=24, help_text="evaluation window: the last N hours"
+    )
+    min_samples = models.PositiveIntegerField(
+        default=100,
+        help_text="below this many samples the figure is undefined: no firing, no resolving",
+    )
+    label_delay_hours = models.PositiveIntegerField(
+        default=24, help_text="label coverage only: hours younger than this are not judged"
+    )
+    action = models.CharField(
+        max_length=20, choices=AlertAction.choices, default=AlertAction.NOTIFY
+    )
+    enabled = models.BooleanField(default=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    #: Fields a rule's editor may change (the endpoint is fixed once created).
+    EDITABLE = (
+        "name",
+        "kind",
+        "threshold",
+        "feature",
+        "granularity",
+        "percentile",
+        "window_hours",
+        "min_samples",
+        "label_delay_hours",
+        "action",
+        "enabled",
+    )
+
+    class Meta:
+        ordering = ["endpoint__name", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.label} on {self.endpoint}" if self.endpoint_id else self.label
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.kind == AlertKind.LATENCY:
+            return f"p{self.percentile} latency"
+        if self.kind == AlertKind.DRIFT and self.feature:
+            return f"drift of {self.feature}"
+        return AlertKind(self.kind).label if self.kind in AlertKind.values else self.kind
+
+    def as_dict(self) -> dict:
+        """The rule's settings as plain data, for audit events and alert evidence."""
+        return {"id": self.pk, "endpoint": self.endpoint.name} | {
+            f: getattr(self, f) for f in self.EDITABLE
+        }
+
+
+class Alert(models.Model):
+    """One firing of a rule: open until a person acknowledges it or the condition clears.
+
+    At most one alert per rule is active (open or acknowledged); it resolves itself when the
+    rule's figure is defined again and no longer crosses the threshold, or when the version it
+    fired on no longer serves.
+    """
+
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        ACKNOWLEDGED = "acknowledged", "Acknowledged"
+        RESOLVED = "resolved", "Resolved"
+
+    ACTIVE = frozenset({Status.OPEN, Status.ACKNOWLEDGED})
+
+    class ActionStatus(models.TextChoices):
+        NONE = "none", "No action"
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="alerts")
+    endpoint = models.ForeignKey("rollouts.Endpoint", on_delete=models.CASCADE, related_name="+")
+    model_version = models.ForeignKey(
+        "registry.ModelVersion", on_delete=models.CASCADE, related_name="+"
+    )
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    observed = models.FloatField(help_text="the figure that crossed the threshold")
+    threshold = models.FloatField(help_text="the limit it crossed, in the figure's unit")
+    message = models.CharField(max_length=500)
+    evidence = models.JSONField(default=dict)
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.OPEN, db_index=True
+    )
+    fired_at = models.DateTimeField(db_index=True)
+    acknowledged_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolution = models.CharField(max_length=255, blank=True)
+    action = models.CharField(max_length=20, choices=AlertAction.choices)
+    action_status = models.CharField(
+        max_length=16, choices=ActionStatus.choices, default=ActionStatus.NONE
+    )
+    action_result = models.TextField(blank=True)
+    notified_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-fired_at", "-pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["rule"],
+                condition=models.Q(status__in=["open", "acknowledged"]),
+                name="one_active_alert_per_rule",
+            )
+        ]
+        indexes = [models.Index(fields=["endpoint", "status"])]
+
+    def __str__(self) -> str:
+        return f"alert #{self.pk}: {self.message[:80]}"
+
+    def get_absolute_url(self) -> str:
+        from django.urls import reverse
+
+        return reverse("monitoring:alert", args=[self.pk])
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+
+class RetrainingRequest(models.Model):
+    """A request to retrain a model version, opened by an alert rule (``created_by`` None) or
+    a person, with the evidence that prompted it."""
+
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        CLOSED = "closed", "Closed"
+
+    endpoint = models.ForeignKey(
+        "rollouts.Endpoint", on_delete=models.CASCADE, related_name="retraining_requests"
+    )
+    model_version = models.ForeignKey(
+        "registry.ModelVersion", on_delete=models.CASCADE, related_name="retraining_requests"
+    )
+    alert = models.ForeignKey(
+        Alert, null=True, blank=True, on_delete=models.SET_NULL, related_name="retraining_requests"
+    )
+    reason = models.TextField()
+    evidence = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.OPEN)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"retraining request #{self.pk} for {self.model_version_id}"

@@ -1,18 +1,24 @@
-"""Writes of the monitoring app: ground truth."""
+"""Writes of the monitoring app: ground truth and drift baselines."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from django.core.exceptions import ValidationError
+from django.contrib.auth.models import User
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from monitoring.models import GroundTruth
+from monitoring import drift
+from monitoring.models import DriftBaseline, Granularity, GroundTruth, Rollup
 from monitoring.rollups import windows_mark_stale
-from rollouts.models import PredictionLog
+from portal.audit import audit_record
+from portal.roles import can_request_deployment, is_platform_admin
+from registry.models import ModelVersion
+from rollouts.models import Endpoint, PredictionLog
 
 
 @dataclass(frozen=True)
@@ -124,3 +130,106 @@ def _logged_rows(
                 by_ref[inference_id] = {}
             by_ref[inference_id][row_index] = pk
     return by_ref
+
+
+def drift_baseline_set(
+    *,
+    actor: User,
+    endpoint: Endpoint,
+    model_version: ModelVersion,
+    start: datetime,
+    end: datetime,
+) -> DriftBaseline:
+    """Make a window of the version's own logged traffic its drift reference on ``endpoint``
+    (replacing the training sample); every window of the version is then compared again.
+
+    Raises:
+        PermissionDenied: ``actor`` is neither a data scientist of the endpoint's team nor a
+            platform admin.
+        ValidationError: ``end`` is not after ``start``, the window is in the future, or it
+            holds fewer than ``drift.MIN_ROWS`` predictions of the version.
+    """
+    _check_may_choose_baseline(actor, endpoint)
+    if end <= start:
+        raise ValidationError({"end": "The baseline window must end after it starts."})
+    if start > timezone.now():
+        raise ValidationError({"start": "The baseline window must start in the past."})
+    logged = PredictionLog.objects.filter(
+        endpoint=endpoint, model_version=model_version, created_at__gte=start, created_at__lt=end
+    ).count()
+    if logged < drift.MIN_ROWS:
+        raise ValidationError(
+            {
+                "start": f"The window holds {logged} predictions of v{model_version.version}; "
+                f"a baseline needs at least {drift.MIN_ROWS}."
+            }
+        )
+    with transaction.atomic():
+        previous = DriftBaseline.objects.filter(
+            endpoint=endpoint, model_version=model_version
+        ).first()
+        baseline, _ = DriftBaseline.objects.update_or_create(
+            endpoint=endpoint,
+            model_version=model_version,
+            defaults={"start": start, "end": end, "chosen_by": actor, "chosen_at": timezone.now()},
+        )
+        audit_record(
+            actor=actor,
+            action="drift.baseline_set",
+            obj=baseline,
+            registered_model=model_version.registered_model.name,
+            environment=endpoint.environment.name,
+            before=None if previous is None else _window_dict(previous),
+            after={**_window_dict(baseline), "rows": logged, "version": model_version.version},
+        )
+        _mark_version_stale(endpoint, model_version)
+    return baseline
+
+
+def drift_baseline_clear(*, actor: User, endpoint: Endpoint, model_version: ModelVersion) -> bool:
+    """Go back to the training sample as the version's drift reference; False when no
+    baseline was set. Raises PermissionDenied as :func:`drift_baseline_set`."""
+    _check_may_choose_baseline(actor, endpoint)
+    with transaction.atomic():
+        baseline = DriftBaseline.objects.filter(
+            endpoint=endpoint, model_version=model_version
+        ).first()
+        if baseline is None:
+            return False
+        audit_record(
+            actor=actor,
+            action="drift.baseline_cleared",
+            obj=baseline,
+            registered_model=model_version.registered_model.name,
+            environment=endpoint.environment.name,
+            before=_window_dict(baseline),
+        )
+        baseline.delete()
+        _mark_version_stale(endpoint, model_version)
+    return True
+
+
+def _check_may_choose_baseline(actor: User, endpoint: Endpoint) -> None:
+    if is_platform_admin(actor):
+        return
+    team = endpoint.registered_model.team
+    if (
+        can_request_deployment(actor)
+        and team is not None
+        and team.members.filter(pk=actor.pk).exists()
+    ):
+        return
+    raise PermissionDenied(
+        "Only data scientists of the model's team and platform admins choose drift baselines."
+    )
+
+
+def _window_dict(baseline: DriftBaseline) -> dict[str, str]:
+    return {"start": baseline.start.isoformat(), "end": baseline.end.isoformat()}
+
+
+def _mark_version_stale(endpoint: Endpoint, model_version: ModelVersion) -> None:
+    hours = Rollup.objects.filter(
+        endpoint=endpoint, model_version=model_version, granularity=Granularity.HOUR
+    ).values_list("window_start", flat=True)
+    windows_mark_stale((endpoint.pk, model_version.pk, hour) for hour in hours)

@@ -21,3 +21,30 @@ def refresh_rollups() -> dict[str, int]:
     finally:
         cache.delete("rollgate:refresh-rollups")
     return {"hours": result.hours, "days": result.days, "drift_windows": result.drift_windows}
+
+
+#: One evaluation at a time across workers; a run that outlives this is assumed dead.
+ALERT_LOCK_S = 300
+
+
+@shared_task
+def evaluate_alerts() -> dict[str, int]:
+    """Periodic (beat, ``ALERT_EVALUATION_S``): evaluate the alert rules on the rollups, run
+    pending actions, queue pending e-mails. Reads rollups as ``refresh_rollups`` last left
+    them (see :mod:`monitoring.alerts`). Idempotent."""
+    from monitoring import alerts
+
+    if not cache.add("rollgate:evaluate-alerts", 1, timeout=ALERT_LOCK_S):
+        return {"skipped": 1}
+    try:
+        return alerts.alerts_evaluate().as_dict()
+    finally:
+        cache.delete("rollgate:evaluate-alerts")
+
+
+@shared_task(autoretry_for=(OSError,), retry_backoff=10, max_retries=3)
+def send_alert_notification(alert_id: int) -> int:
+    """E-mail an alert to its endpoint's team and the managers, once; returns messages sent."""
+    from monitoring import alerts
+
+    return alerts.alert_notify(alert_id=alert_id)

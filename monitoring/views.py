@@ -1,23 +1,31 @@
 from __future__ import annotations
 
 from django.contrib.auth.decorators import login_required
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
 
 from monitoring import figures, selectors
 from portal.selectors import audit_events_visible_to
 from rollouts import selectors as rollout_selectors
 
+#: Drift windows listed in the per-window summary table, newest first.
+DRIFT_SUMMARY_ROWS = 24
+
 
 @login_required
 def overview(request: HttpRequest) -> HttpResponse:
-    """Home: what serves where, what awaits review, and the latest audit events."""
+    """Home: every visible endpoint with its live versions, health, drift, open alerts and
+    pending approvals; the delivery figures of the last 90 days; what awaits review; the
+    latest audit events. Reads rollups only, in a fixed number of queries."""
+    queue = list(rollout_selectors.review_queue(request.user)[:20])
     return render(
         request,
         "monitoring/overview.html",
         {
-            "endpoints": rollout_selectors.endpoints_with_live_versions(request.user),
-            "queue": rollout_selectors.review_queue(request.user)[:20],
+            "summaries": selectors.overview_endpoints(request.user),
+            "delivery": selectors.delivery_figures(request.user),
+            "queue": queue,
             "my_requests": rollout_selectors.deployment_requests_visible_to(request.user).filter(
                 requester=request.user
             )[:10],
@@ -27,19 +35,86 @@ def overview(request: HttpRequest) -> HttpResponse:
     )
 
 
+def _visible_endpoint(request: HttpRequest, name: str):
+    return get_object_or_404(rollout_selectors.endpoints_visible_to(request.user), name=name)
+
+
+def _histogram_url(endpoint_name: str, rollup_id: int, feature: str) -> str:
+    return reverse("monitoring:drift_histogram", args=[endpoint_name, rollup_id, feature])
+
+
 @login_required
 def endpoint_dashboard(request: HttpRequest, name: str) -> HttpResponse:
-    endpoint = get_object_or_404(rollout_selectors.endpoints_visible_to(request.user), name=name)
-    frame = selectors.prediction_frame(endpoint)
-    window = selectors.pick_window(frame, request.GET.get("window"))
+    """Per version figures, charts and drift of one endpoint over ``?window=hour|day`` windows
+    and ``?days=N``; ``?feature=<name>`` opens that feature's histograms (the latest window
+    it drifted in). A bad window or range is a 400 that says what is allowed."""
+    endpoint = _visible_endpoint(request, name)
+    try:
+        rng = selectors.dashboard_range(endpoint, request.GET)
+    except selectors.BadQuery as exc:
+        return HttpResponseBadRequest(str(exc), content_type="text/plain; charset=utf-8")
+    live = selectors.live_versions([endpoint.pk]).get(endpoint.pk, [])
+    result = selectors.endpoint_figures(endpoint, rng, live)
+    windows = selectors.drift_windows(endpoint, rng)
+    roles = {v.version: v.role for v in result.versions}
+    feature = request.GET.get("feature", "")
+    initial, feature_missing = None, False
+    if feature:
+        chosen = selectors.drift_window_for_feature(windows, feature)
+        if chosen is None:
+            feature_missing = True
+        else:
+            initial = {"feature": feature, "url": _histogram_url(endpoint.name, chosen.id, feature)}
     return render(
         request,
         "monitoring/endpoint.html",
         {
             "endpoint": endpoint,
-            "stats": selectors.version_stats(endpoint, frame),
-            "figures": figures.endpoint_figures(selectors.time_series(frame, window)),
-            "window": window,
-            "windows": list(selectors.WINDOWS),
+            "range": rng,
+            "windows": selectors.WINDOWS,
+            "versions": result.versions,
+            "has_classifier": any(not v.is_regression for v in result.versions),
+            "has_regressor": any(v.is_regression for v in result.versions),
+            "figures": figures.endpoint_figures(
+                result.versions, result.series, (rng.start, rng.end)
+            ),
+            "drift_heatmaps": figures.drift_heatmaps(windows, roles),
+            "drift_summary": list(reversed(windows))[:DRIFT_SUMMARY_ROWS],
+            "drift_initial": initial,
+            "feature": feature,
+            "feature_missing": feature_missing,
+            "histogram_url": _histogram_url(endpoint.name, 0, "__feature__"),
         },
     )
+
+
+@login_required
+def drift_histogram(request: HttpRequest, name: str, rollup_id: int, feature: str) -> JsonResponse:
+    """``GET /monitoring/endpoints/<name>/drift/<rollup_id>/<feature>.json``: the reference and
+    current histograms of one feature in one drift window, as a plotly figure, with the
+    feature's drift figures. 404 unless the endpoint is visible, the rollup is its own and the
+    feature has a histogram."""
+    endpoint = _visible_endpoint(request, name)
+    detail = selectors.drift_histogram(endpoint, rollup_id, feature)
+    if detail is None:
+        raise Http404("No histogram of this feature in this window.")
+    drift = detail["drift"] or {}
+    parts = [f"v{detail['version']}", str(drift.get("status", "no result"))]
+    for key, label in (("psi", "PSI"), ("jensen_shannon", "Jensen-Shannon"), ("ks", "KS")):
+        if isinstance(drift.get(key), int | float):
+            parts.append(f"{label} {drift[key]:.3g}")
+    if drift.get("reason"):
+        parts.append(str(drift["reason"]))
+    parts.append(f"reference: {detail['reference_source']}")
+    body = figures.strict(
+        {
+            "feature": detail["feature"],
+            "version": detail["version"],
+            "window": detail["window"],
+            "window_start": detail["window_start"],
+            "drift": drift,
+            "summary": " · ".join(parts),
+            "figure": figures.drift_histogram_figure(detail),
+        }
+    )
+    return JsonResponse(body, json_dumps_params={"allow_nan": False})

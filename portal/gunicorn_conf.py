@@ -1,16 +1,33 @@
-"""Gunicorn settings for the portal and its serving API (production and `make demo` alike).
+"""Gunicorn settings for the portal and its serving API (production and `make demo` alike):
 
-Each worker process keeps its own model cache and routing table; threads share them.
+    gunicorn portal.asgi:application -c portal/gunicorn_conf.py
+
+``WEB_CONCURRENCY`` worker processes (default 2, about one per core), each an asyncio event
+loop (uvicorn with uvloop and httptools) running :mod:`portal.asgi`: scoring requests are
+parsed, batched and scored in the loop, the rest of the portal is Django's ASGI handler (its
+sync views run in a worker thread). Each worker keeps its own model cache and routing table.
 """
 
 from __future__ import annotations
 
 import os
 
+from uvicorn_worker import UvicornWorker
+
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "gthread"
-threads = int(os.environ.get("WEB_THREADS", "8"))
+
+
+class RollgateWorker(UvicornWorker):
+    """uvicorn's gunicorn worker, with its access log following gunicorn's ``accesslog``
+    (uvicorn would otherwise format a line per request for a logger with no handler)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.access_log = bool(self.cfg.accesslog)
+
+
+worker_class = RollgateWorker
 timeout = 60
 graceful_timeout = 20
 keepalive = 5

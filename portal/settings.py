@@ -176,10 +176,20 @@ CELERY_BEAT_SCHEDULE = {
         "task": "rollouts.tasks.expire_requests",
         "schedule": env.float("REQUEST_EXPIRY_CHECK_S", default=600.0),
     },
+    "redispatch-stalled": {
+        "task": "rollouts.tasks.redispatch_stalled",
+        "schedule": env.float("REDISPATCH_CHECK_S", default=120.0),
+    },
     # Monitoring figures: stale hours (new predictions, late labels) are rolled up again.
     "refresh-rollups": {
         "task": "monitoring.tasks.refresh_rollups",
         "schedule": env.float("ROLLUP_REFRESH_S", default=60.0),
+    },
+    # Alert rules read the rollups as the refresh above last left them (figures lag the log
+    # by at most ROLLUP_REFRESH_S); see monitoring.alerts.
+    "evaluate-alerts": {
+        "task": "monitoring.tasks.evaluate_alerts",
+        "schedule": env.float("ALERT_EVALUATION_S", default=60.0),
     },
 }
 

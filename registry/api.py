@@ -5,7 +5,6 @@ gets 404 for a model they may not see."""
 from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
@@ -15,6 +14,7 @@ from rest_framework.response import Response
 
 from portal.api import ApiView
 from portal.roles import can_sync_registry
+from portal.tasking import enqueue_on_commit
 from registry import compare, selectors, tasks
 from registry.models import ModelVersion, RegisteredModel
 
@@ -213,5 +213,5 @@ class RegistrySyncApi(ApiView):
         if not can_sync_registry(request.user):
             raise PermissionDenied("Only data scientists, reviewers and platform admins can sync.")
         user_id = request.user.pk
-        transaction.on_commit(lambda: tasks.sync_registry.delay(user_id))
+        enqueue_on_commit(tasks.sync_registry, user_id)
         return Response({"queued": True}, status=status.HTTP_202_ACCEPTED)

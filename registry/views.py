@@ -5,7 +5,6 @@ import json
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -13,6 +12,7 @@ from django.views.decorators.http import require_POST
 
 from portal.models import Team
 from portal.roles import can_sync_registry
+from portal.tasking import enqueue_on_commit
 from registry import compare as compare_versions
 from registry import selectors, tasks
 from registry.models import ModelVersion
@@ -94,7 +94,7 @@ def compare(request: HttpRequest, name: str) -> HttpResponse:
 def sync_now(request: HttpRequest) -> HttpResponse:
     if not can_sync_registry(request.user):
         raise PermissionDenied("Only data scientists, reviewers and platform admins can sync.")
-    transaction.on_commit(lambda: tasks.sync_registry.delay(request.user.pk))
+    enqueue_on_commit(tasks.sync_registry, request.user.pk)
     messages.info(request, "Registry sync queued; new versions appear in a few seconds.")
     target = request.POST.get("next", "")
     if not url_has_allowed_host_and_scheme(

@@ -30,6 +30,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
+from portal.tasking import enqueue
 from registry import tasks
 from registry.mlflow_client import REGISTRY_WEBHOOK_EVENTS
 
@@ -121,7 +122,7 @@ def delivery_event(body: bytes) -> str:
 
 
 def _enqueue_sync() -> None:
-    tasks.sync_registry.delay()
+    enqueue(tasks.sync_registry)  # a lost delivery is caught up by the periodic sync
 
 
 @csrf_exempt  # MLflow cannot hold a CSRF token; the HMAC signature authenticates the caller

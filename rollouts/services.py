@@ -24,6 +24,7 @@ from django.utils.text import slugify
 from portal.audit import audit_record
 from portal.errors import Conflict
 from portal.roles import REVIEWERS, can_request_deployment, can_review, is_platform_admin
+from portal.tasking import enqueue, enqueue_on_commit
 from registry import mlflow_client
 from registry.models import ModelVersion
 from registry.services import registry_set_alias
@@ -109,7 +110,7 @@ def _notify(request_id: int, event: str) -> None:
     """Queue the e-mail for ``event`` once the transaction commits."""
     from rollouts import tasks
 
-    transaction.on_commit(lambda: tasks.send_request_notification.delay(request_id, event))
+    enqueue_on_commit(tasks.send_request_notification, request_id, event)
 
 
 def endpoint_for(*, model_version: ModelVersion, environment: Environment) -> Endpoint:
@@ -225,7 +226,7 @@ def deployment_request_create(
             "previous_request": previous_request.pk if previous_request else None,
         },
     )
-    transaction.on_commit(lambda: tasks.run_gates.delay(req.pk))
+    enqueue_on_commit(tasks.run_gates, req.pk)
     return req
 
 
@@ -429,7 +430,7 @@ def _approve(
         after={"status": req.status, "approvals": approvals, "comment": comment},
     )
     _notify(req.pk, "approved")
-    transaction.on_commit(lambda: tasks.execute_deployment.delay(req.pk))
+    enqueue_on_commit(tasks.execute_deployment, req.pk)
     return req
 
 
@@ -786,13 +787,16 @@ def _audit_traffic(endpoint: Endpoint, actor: User | None, before: dict[str, int
     )
 
 
-def deployment_rollback(*, endpoint_id: int, actor: User, reason: str) -> DeploymentRequest:
+def deployment_rollback(*, endpoint_id: int, actor: User | None, reason: str) -> DeploymentRequest:
     """Take the endpoint back to the release before its live one: the live request becomes
     rolled back, the one it had superseded is live again with 100% of traffic, and the
     environment's MLflow alias follows.
 
+    ``actor`` None is the system: an alert rule whose action is a rollback (rules are set by
+    platform admins); it is recorded as ``system`` in the audit trail.
+
     Raises:
-        PermissionDenied: not a reviewer or platform admin.
+        PermissionDenied: a person who is not a reviewer or platform admin.
         ValidationError: no reason given.
         Conflict: nothing live, or no earlier release to go back to.
         mlflow_client.RegistryError: moving the alias failed (traffic has moved already).
@@ -803,8 +807,8 @@ def deployment_rollback(*, endpoint_id: int, actor: User, reason: str) -> Deploy
 
 
 @transaction.atomic
-def _rollback(endpoint_id: int, actor: User, reason: str) -> DeploymentRequest:
-    if not (can_review(actor) or is_platform_admin(actor)):
+def _rollback(endpoint_id: int, actor: User | None, reason: str) -> DeploymentRequest:
+    if actor is not None and not (can_review(actor) or is_platform_admin(actor)):
         raise PermissionDenied("Only reviewers and platform admins can roll back.")
     if not reason.strip():
         raise ValidationError({"reason": "Say why the release is rolled back."})
@@ -930,3 +934,21 @@ def api_key_revoke(*, key_id: int, actor: User | None) -> ApiKey:
 
         keys.invalidate()  # harmless if the transaction rolls back: the table reloads
     return key
+
+
+def deployment_requests_redispatch(*, older_than: timedelta = timedelta(minutes=2)) -> list[int]:
+    """Queue again the work of requests stuck before a worker picked them up: pending gates
+    and approved-but-not-deploying requests unchanged for ``older_than``. Safe to repeat: both
+    tasks are idempotent. Returns the request ids queued."""
+    from rollouts import tasks
+
+    cutoff = timezone.now() - older_than
+    stuck = DeploymentRequest.objects.filter(
+        status__in=[Status.PENDING_GATES, Status.APPROVED], updated_at__lt=cutoff
+    ).values_list("pk", "status")
+    queued = []
+    for pk, status in stuck:
+        task = tasks.run_gates if status == Status.PENDING_GATES else tasks.execute_deployment
+        if enqueue(task, pk):
+            queued.append(pk)
+    return queued

@@ -40,6 +40,13 @@ def expire_requests() -> int:
     return len(services.deployment_requests_expire())
 
 
+@shared_task
+def redispatch_stalled() -> int:
+    """Periodic (beat): queue again gates and deployments whose task never reached a worker
+    (the broker was down when they were requested)."""
+    return len(services.deployment_requests_redispatch())
+
+
 @shared_task(autoretry_for=(OSError,), retry_backoff=10, max_retries=3)
 def send_request_notification(request_id: int, event: str) -> int:
     """E-mail the people an event concerns; returns how many messages were sent."""

@@ -20,6 +20,8 @@ import time
 from django.conf import settings
 from django.db import close_old_connections, connection, models
 
+from rollouts.serving.batching import positive_class_scores
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,6 +41,7 @@ class LogBuffer:
         if not rows:
             return
         if not settings.SERVING_LOG_BUFFERED:
+            fill_scores(rows)
             type(rows[0]).objects.bulk_create(rows)
             _mark_stale(rows)
             return
@@ -82,6 +85,7 @@ class LogBuffer:
                 rows, self._rows = self._rows, []
             if not rows:
                 return 0
+            fill_scores(rows)
             by_class: dict[type[models.Model], list[models.Model]] = {}
             for row in rows:
                 by_class.setdefault(type(row), []).append(row)
@@ -103,6 +107,22 @@ class LogBuffer:
                 logger.exception("marking the logged hours stale failed")
             self.written += len(rows)
             return len(rows)
+
+
+def fill_scores(rows: list[models.Model]) -> None:
+    """Set ``score`` on prediction-log rows that carry a ``scorer`` (a binary classifier, set
+    by the serving path): one ``predict_proba`` per classifier for all its rows here."""
+    groups: dict[int, list] = {}
+    for row in rows:
+        if getattr(row, "scorer", None) is not None and getattr(row, "score", 0) is None:
+            groups.setdefault(id(row.scorer), []).append(row)
+    for group in groups.values():
+        scores = positive_class_scores(group[0].scorer, [row.features for row in group])
+        for row in group:
+            row.scorer = None
+        if scores is not None:
+            for row, value in zip(group, scores, strict=True):
+                row.score = value
 
 
 def _mark_stale(rows: list[models.Model]) -> None:

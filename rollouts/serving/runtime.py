@@ -20,7 +20,7 @@ from django.conf import settings
 
 from registry import mlflow_client
 from rollouts.models import ApiKey, Deployment, Endpoint
-from rollouts.serving.batching import MicroBatcher
+from rollouts.serving.batching import LoopBatcher, MicroBatcher
 from rollouts.serving.metrics import observe_batch
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,10 @@ class ModelCache:
         except Exception:  # noqa: BLE001 - a broken version must not break routing
             logger.exception("warming %s v%s failed", route.model_name, route.version)
 
+    def peek(self, model_name: str, version: int) -> Any | None:
+        """The loaded model, or None when it would have to be loaded first."""
+        return self._models.get((model_name, version))
+
     def loaded(self) -> set[tuple[str, int]]:
         return set(self._models)
 
@@ -112,14 +116,16 @@ class Router:
         self._lock = threading.Lock()
         self._refreshing = threading.Lock()
 
-    def get(self, endpoint_name: str) -> EndpointRoutes | None:
+    def get(self, endpoint_name: str, max_age: float | None = None) -> EndpointRoutes | None:
         """The live routes of an endpoint; None if no endpoint has that name.
 
-        When the cached entry is older than the TTL one thread refreshes it (warming any newly
-        routed version first) while the others keep using the previous table.
+        When the cached entry is older than ``max_age`` seconds (default: the TTL) one thread
+        refreshes it (warming any newly routed version first) while the others keep using the
+        previous table.
         """
         now = time.monotonic()
-        fresh = now - self._fetched.get(endpoint_name, -1e9) < settings.SERVING_ROUTE_TTL_S
+        ttl = settings.SERVING_ROUTE_TTL_S if max_age is None else max_age
+        fresh = now - self._fetched.get(endpoint_name, -1e9) < ttl
         if fresh:
             return self._table[endpoint_name]
         if endpoint_name in self._table and not self._refreshing.acquire(blocking=False):
@@ -142,6 +148,15 @@ class Router:
         model_cache.retain(live)  # a version nothing routes to any more is evicted
         batcher.retain(live)
         return routes
+
+    def peek(self, endpoint_name: str) -> tuple[EndpointRoutes | None, float] | None:
+        """Without touching the database: ``(routes, age in seconds)`` as :meth:`get` last
+        loaded them (``routes`` None for an unknown endpoint), or None when the endpoint was
+        never looked up in this process."""
+        if endpoint_name not in self._table:
+            return None
+        age = time.monotonic() - self._fetched.get(endpoint_name, -1e9)
+        return self._table.get(endpoint_name), age
 
     def invalidate(self) -> None:
         with self._lock:
@@ -190,10 +205,12 @@ class KeyTable:
     def __init__(self) -> None:
         self._grants: dict[str, tuple[float, KeyGrant | None]] = {}
 
-    def get(self, key_hash: str) -> KeyGrant | None:
+    def get(self, key_hash: str, max_age: float | None = None) -> KeyGrant | None:
+        """The grant of a live key, read again once older than ``max_age`` (default: TTL)."""
         now = time.monotonic()
         cached = self._grants.get(key_hash)
-        if cached is not None and now - cached[0] < settings.SERVING_ROUTE_TTL_S:
+        ttl = settings.SERVING_ROUTE_TTL_S if max_age is None else max_age
+        if cached is not None and now - cached[0] < ttl:
             return cached[1]
         key = (
             ApiKey.objects.filter(key_hash=key_hash, revoked_at__isnull=True)
@@ -211,12 +228,26 @@ class KeyTable:
         self._grants[key_hash] = (now, grant)
         return grant
 
+    def peek(self, key_hash: str) -> tuple[KeyGrant | None, float] | None:
+        """Without touching the database: ``(grant, age in seconds)`` as :meth:`get` last
+        loaded it, or None when this key was never looked up in this process."""
+        cached = self._grants.get(key_hash)
+        if cached is None:
+            return None
+        return cached[1], time.monotonic() - cached[0]
+
     def invalidate(self) -> None:
         self._grants.clear()
 
 
 model_cache = ModelCache()
 batcher = MicroBatcher(
+    max_wait_s=settings.SERVING_BATCH_MAX_WAIT_MS / 1000.0,
+    max_rows=settings.SERVING_BATCH_MAX_ROWS,
+    on_batch=observe_batch,
+)
+# The ASGI serving path batches in each worker's event loop instead (rollouts.serving.asgi).
+loop_batcher = LoopBatcher(
     max_wait_s=settings.SERVING_BATCH_MAX_WAIT_MS / 1000.0,
     max_rows=settings.SERVING_BATCH_MAX_ROWS,
     on_batch=observe_batch,

@@ -15,6 +15,7 @@ from django.conf import settings
 from rest_framework.authtoken.models import Token
 from sklearn.metrics import accuracy_score
 
+from monitoring.rollups import rollups_refresh
 from registry.demo_models import breast_cancer_split
 from registry.models import ModelVersion
 from rollouts.models import Deployment, DeploymentRequest, Environment, GateResult, PredictionLog
@@ -171,7 +172,9 @@ def test_register_request_approve_deploy_invoke_feedback(
     assert posted.status_code == 200, posted.text
     assert posted.json() == {"accepted": len(X), "unknown": [unknown]}
 
-    # 7. The accuracy the portal shows equals scikit-learn's on the same rows.
+    # 7. The accuracy the portal shows equals scikit-learn's on the same rows, once the rollups
+    # are refreshed (Celery beat's monitoring.refresh_rollups, run here in-process).
+    rollups_refresh(with_drift=False)
     expected = accuracy_score(y, predictions)
     metrics = ds_api.get(f"{live_server.url}/api/endpoints/{endpoint}/metrics").json()
     assert metrics[0]["version"] == 1 and metrics[0]["labeled"] == len(X)

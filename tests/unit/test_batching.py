@@ -144,3 +144,33 @@ def test_buffered_log_writes_every_row_in_bulk_and_flush_drains_it(settings, syn
     buffer.flush()
     assert PredictionLog.objects.count() == 2500
     assert buffer.pending() == 0
+
+
+def test_the_event_loop_batcher_gives_each_request_its_own_results_and_isolates_bad_input():
+    import asyncio
+
+    from rollouts.serving.batching import LoopBatcher
+
+    model = EchoModel()
+    batcher = LoopBatcher(max_wait_s=0.005, max_rows=256)
+    inputs = {i: [i * 100 + j for j in range(i % 3 + 1)] for i in range(32)}
+    inputs[7] = [-1]  # the model refuses it
+
+    async def run():
+        async def one(i: int):
+            try:
+                predictions, scores = await batcher.predict(
+                    "m", 1, model, _columns(inputs[i]), len(inputs[i]), None
+                )
+            except ValueError as exc:
+                return str(exc)
+            return predictions
+
+        return await asyncio.gather(*(one(i) for i in inputs))
+
+    results = dict(zip(inputs, asyncio.run(run()), strict=True))
+
+    assert results.pop(7) == "negative x"
+    assert results == {i: [v * 10 for v in inputs[i]] for i in results}
+    assert model.calls[0] == sum(len(v) for v in inputs.values())  # one merged call first
+    assert len(model.calls) < len(inputs) + 2  # then one by one, once, after it failed

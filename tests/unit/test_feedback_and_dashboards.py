@@ -1,5 +1,5 @@
 """Ground truth over ``POST /api/feedback``, and the accuracy that the endpoint dashboard and the
-metrics API derive from it."""
+metrics API derive from it (through the rollups, refreshed as Celery beat would)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from django.utils import timezone
 from sklearn.metrics import accuracy_score
 
 from monitoring.models import GroundTruth
+from monitoring.rollups import rollups_refresh, windows_mark_stale
 from registry.models import ModelVersion, RegisteredModel
 from rollouts import services
 from rollouts.models import Endpoint, Environment, PredictionLog
@@ -271,11 +272,20 @@ def test_revoked_key_is_refused(client, endpoint, model, api_key, platform_admin
 # --- accuracy on the dashboard and the metrics API ------------------------------------------------
 
 
+def _refresh() -> None:
+    """What the log writer and Celery beat do: mark the logged hours stale, roll them up."""
+    windows_mark_stale(
+        PredictionLog.objects.values_list("endpoint_id", "model_version_id", "created_at")
+    )
+    rollups_refresh(with_drift=False)
+
+
 def _dashboard_accuracy(client, endpoint) -> dict[int, str]:
+    _refresh()
     response = client.get(f"/monitoring/endpoints/{endpoint.name}/")
     assert response.status_code == 200
     html = response.content.decode()
-    rows = re.findall(r'<tr data-version="(\d+)">(.*?)</tr>', html, flags=re.S)
+    rows = re.findall(r'<tr data-version="(\d+)"[^>]*>(.*?)</tr>', html, flags=re.S)
     return {
         int(version): re.search(r'data-accuracy="([^"]*)">(.*?)</td>', body, flags=re.S).groups()
         for version, body in rows
@@ -283,6 +293,7 @@ def _dashboard_accuracy(client, endpoint) -> dict[int, str]:
 
 
 def _metrics(client, endpoint) -> dict[int, dict]:
+    _refresh()
     response = client.get(f"/api/endpoints/{endpoint.name}/metrics")
     assert response.status_code == 200
     return {row["version"]: row for row in response.json()}
@@ -369,11 +380,20 @@ def test_dashboard_and_metrics_are_for_the_owning_team(
 def test_dashboard_windows_render(client, endpoint, model, manager):
     _log(endpoint, model[0], [1], minutes_ago=60 * 24 * 10)
     _log(endpoint, model[1], [0])
+    _refresh()
     client.force_login(manager)
-    for window in ("minute", "hour", "day", "bogus"):
-        response = client.get(f"/monitoring/endpoints/{endpoint.name}/", {"window": window})
+    url = f"/monitoring/endpoints/{endpoint.name}/"
+    # Ten days of data: day windows by default.
+    assert client.get(url).context["range"].window == "day"
+    for window in ("hour", "day"):
+        response = client.get(url, {"window": window})
         assert response.status_code == 200
-        assert response.context["window"] == (window if window != "bogus" else "day")
+        assert response.context["range"].window == window
+    # Only hour and day windows are rolled up: anything else is refused with the reason.
+    for window in ("minute", "bogus"):
+        response = client.get(url, {"window": window})
+        assert response.status_code == 400
+        assert b"window must be one of hour, day" in response.content
 
 
 # --- end to end: serve, label, measure ------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_another_teams_data_scientist_sees_nothing_of_the_model(
     audit = client.get("/audit/")
     assert audit.status_code == 200 and list(audit.context["page"]) == []
     home = client.get("/")
-    assert home.context["endpoints"] == [] and list(home.context["recent_events"]) == []
+    assert home.context["summaries"] == [] and list(home.context["recent_events"]) == []
     for url in ("/", "/registry/", "/rollouts/requests/", "/rollouts/endpoints/", "/audit/"):
         assert MODEL.encode() not in client.get(url).content, url
 

@@ -15,7 +15,10 @@ from types import SimpleNamespace
 import pytest
 from django.db import transaction
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
+from django.utils import timezone
 
+from monitoring import alerts
+from monitoring.models import Alert, DriftRollup
 from portal.models import AuditEvent
 from rollouts import services
 from rollouts.models import Endpoint, Environment
@@ -72,6 +75,19 @@ MATRIX: dict[str, dict[str, dict[str, int]]] = {
     "rollouts:endpoint_timeline": {"GET": OWN_PAGE},
     "rollouts:endpoint_rollback": {"POST": S(403, 404, 302, 403, 302, 302)},
     "monitoring:endpoint": {"GET": OWN_PAGE},
+    "monitoring:alerts": {"GET": ALL_PAGE},
+    "monitoring:alert": {"GET": OWN_PAGE},
+    "monitoring:alert_acknowledge": {"POST": S(302, 404, 302, 403, 302, 302)},
+    "monitoring:alert_rule_create": {
+        "GET": S(403, 403, 403, 403, 200, 302),
+        "POST": S(403, 403, 403, 403, 302, 302),
+    },
+    "monitoring:alert_rule_edit": {
+        "GET": S(403, 404, 403, 403, 200, 302),
+        "POST": S(403, 404, 403, 403, 302, 302),
+    },
+    "monitoring:alert_rule_enabled": {"POST": S(403, 404, 403, 403, 302, 302)},
+    "monitoring:drift_histogram": {"GET": OWN_PAGE},
     # --- API ---
     "api-schema": {"GET": ALL_API},
     "api-models": {"GET": ALL_API},
@@ -194,8 +210,48 @@ def world(
     services.deployment_request_reject(request_id=rejected.pk, reviewer=reviewer, comment="later")
     staging = Endpoint.objects.get(environment__name="staging")
     key, _ = services.api_key_create(name="shop", endpoints=[staging], created_by=platform_admin)
+    rule = alerts.alert_rule_create(
+        actor=platform_admin, endpoint=staging, kind="error_rate", threshold=0.05
+    )
+    now = timezone.now()
+    alert = Alert.objects.create(
+        rule=rule,
+        endpoint=staging,
+        model_version=v2,
+        window_start=now,
+        window_end=now,
+        observed=0.5,
+        threshold=0.05,
+        message="Error rate 50.0%",
+        fired_at=now,
+        action=rule.action,
+    )
+    drift = DriftRollup.objects.create(
+        endpoint=staging,
+        model_version=v2,
+        granularity="day",
+        window_start=now.replace(hour=0, minute=0, second=0, microsecond=0),
+        reference="training sample",
+        histograms={
+            "mean radius": {
+                "kind": "numeric",
+                "edges": [0.0, 1.0, 2.0],
+                "reference": [0.5, 0.5],
+                "current": [0.2, 0.8],
+            }
+        },
+        computed_at=now,
+    )
     return SimpleNamespace(
-        v1=v1, v2=v2, pending=pending, rejected=rejected, staging=staging, api_key=key
+        v1=v1,
+        v2=v2,
+        pending=pending,
+        rejected=rejected,
+        staging=staging,
+        api_key=key,
+        rule=rule,
+        alert=alert,
+        drift=drift,
     )
 
 
@@ -215,6 +271,15 @@ def _kwargs(route: str, method: str, w: SimpleNamespace) -> dict:
         "rollouts:endpoint_timeline": {"name": w.staging.name},
         "rollouts:endpoint_rollback": {"name": w.staging.name},
         "monitoring:endpoint": {"name": w.staging.name},
+        "monitoring:alert": {"alert_id": w.alert.pk},
+        "monitoring:alert_acknowledge": {"alert_id": w.alert.pk},
+        "monitoring:alert_rule_edit": {"rule_id": w.rule.pk},
+        "monitoring:alert_rule_enabled": {"rule_id": w.rule.pk},
+        "monitoring:drift_histogram": {
+            "name": w.staging.name,
+            "rollup_id": w.drift.pk,
+            "feature": "mean radius",
+        },
         "api-model": {"name": model},
         "api-model-version": {"name": model, "version": 1},
         "api-model-compare": {"name": model},
@@ -251,6 +316,30 @@ def _body(route: str, method: str, w: SimpleNamespace):
         "rollouts:request_comment": {"body": "a question"},
         "rollouts:request_override_freeze": {"reason": "security fix"},
         "rollouts:endpoint_rollback": {"reason": "bad predictions"},
+        "monitoring:alert_rule_create": {
+            "endpoint": w.staging.pk,
+            "kind": "latency",
+            "threshold": "250",
+            "percentile": "99",
+            "granularity": "hour",
+            "window_hours": "6",
+            "min_samples": "100",
+            "label_delay_hours": "24",
+            "action": "notify",
+            "enabled": "on",
+        },
+        "monitoring:alert_rule_edit": {
+            "kind": "error_rate",
+            "threshold": "0.2",
+            "percentile": "95",
+            "granularity": "hour",
+            "window_hours": "24",
+            "min_samples": "100",
+            "label_delay_hours": "24",
+            "action": "notify",
+            "enabled": "on",
+        },
+        "monitoring:alert_rule_enabled": {"enabled": "0"},
         "api-requests": {
             "model": REGISTERED_MODEL,
             "version": 1,

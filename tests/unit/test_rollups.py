@@ -335,3 +335,48 @@ def test_a_chosen_baseline_window_becomes_the_reference(churn):
     assert shifted.drifted is True
     same = DriftRollup.objects.get(granularity="hour", window_start=base)
     assert same.drifted is False
+
+
+def test_choosing_a_baseline_is_checked_audited_and_recomputes_the_versions_windows(
+    churn, data_scientist, other_data_scientist, team
+):
+    from django.core.exceptions import PermissionDenied, ValidationError
+
+    from monitoring.services import drift_baseline_clear, drift_baseline_set
+    from portal.models import AuditEvent
+
+    endpoint, v1 = churn
+    base = HOUR0 - timedelta(days=1)
+    for i in range(40):
+        _log(endpoint, v1, base + timedelta(seconds=i), 1, features={"x": float(i)})
+    rollups.rollups_refresh(with_drift=False)
+    assert not StaleWindow.objects.exists()
+
+    with pytest.raises(PermissionDenied):
+        drift_baseline_set(
+            actor=other_data_scientist, endpoint=endpoint, model_version=v1, start=base, end=HOUR0
+        )
+    with pytest.raises(ValidationError, match="end after it starts"):
+        drift_baseline_set(
+            actor=data_scientist, endpoint=endpoint, model_version=v1, start=HOUR0, end=base
+        )
+    with pytest.raises(ValidationError, match="holds 0 predictions of v1; a baseline needs"):
+        drift_baseline_set(
+            actor=data_scientist,
+            endpoint=endpoint,
+            model_version=v1,
+            start=HOUR0,
+            end=HOUR0 + timedelta(hours=1),
+        )
+    assert not DriftBaseline.objects.exists()
+
+    drift_baseline_set(
+        actor=data_scientist, endpoint=endpoint, model_version=v1, start=base, end=HOUR0
+    )
+
+    assert DriftBaseline.objects.get().chosen_by == data_scientist
+    assert AuditEvent.objects.filter(action="drift.baseline_set").count() == 1
+    assert StaleWindow.objects.filter(hour=base).exists()  # compared again with the baseline
+    assert drift_baseline_clear(actor=data_scientist, endpoint=endpoint, model_version=v1)
+    assert not drift_baseline_clear(actor=data_scientist, endpoint=endpoint, model_version=v1)
+    assert AuditEvent.objects.filter(action="drift.baseline_cleared").count() == 1

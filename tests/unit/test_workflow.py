@@ -4,6 +4,7 @@ the HTML views and the REST API (status codes and what changed in the database).
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 import mlflow
 import pytest
@@ -697,3 +698,35 @@ def test_model_that_cannot_score_its_example_fails(
     assert "predict raised" in req.status_reason
     assert not Deployment.objects.filter(status=Deployment.Status.LIVE).exists()
     assert "staging" not in RegisteredModel.objects.get(name=REGISTERED_MODEL).aliases
+
+
+# --- a broker that is down ---------------------------------------------------------------------
+
+
+def test_a_broker_outage_neither_fails_the_request_nor_loses_its_gates(
+    synced, data_scientist, monkeypatch, django_capture_on_commit_callbacks
+):
+    from kombu.exceptions import OperationalError
+
+    v1, _ = synced
+    real_delay = tasks.run_gates.delay
+
+    def broker_down(*args):
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(tasks.run_gates, "delay", broker_down)
+    with django_capture_on_commit_callbacks(execute=True):
+        req = services.deployment_request_create(
+            requester=data_scientist,
+            model_version=v1,
+            environment=Environment.objects.get(name="staging"),
+            justification="broker outage",
+        )
+    req.refresh_from_db()
+    assert req.status == "pending_gates"  # kept, though its task could not be queued
+
+    monkeypatch.setattr(tasks.run_gates, "delay", real_delay)
+    assert services.deployment_requests_redispatch() == []  # too recent to call stuck
+    assert services.deployment_requests_redispatch(older_than=timedelta(0)) == [req.pk]
+    req.refresh_from_db()
+    assert req.status == "awaiting_review"

@@ -47,7 +47,14 @@ class Command(BaseCommand):
             python = sys.executable
             self._start(
                 "web",
-                [python, "-m", "gunicorn", "portal.wsgi", "-c", "portal/gunicorn_conf.py"],
+                [
+                    python,
+                    "-m",
+                    "gunicorn",
+                    "portal.asgi:application",
+                    "-c",
+                    "portal/gunicorn_conf.py",
+                ],
                 env,
             )
             self._start(
