@@ -10,17 +10,18 @@ windows against the version's reference. Pages then read only :class:`Rollup` an
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -34,7 +35,7 @@ from monitoring.models import (
     StaleWindow,
 )
 from registry.models import ModelVersion
-from rollouts.models import PredictionLog, ServingError
+from rollouts.models import Endpoint, PredictionLog, ServingError
 
 logger = logging.getLogger(__name__)
 
@@ -507,4 +508,255 @@ def rollups_refresh(*, limit: int = 5000, with_drift: bool = True) -> RefreshRes
         for pk, *_, marked_at in marks[start : start + 200]:
             done |= Q(pk=pk, marked_at=marked_at)
         StaleWindow.objects.filter(done).delete()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Rebuild (backfill): set-based on PostgreSQL
+
+#: Whether a JSON label counts as the positive class, as ``metrics.label_key(label) in ("1",
+#: "true")`` decides it in :func:`compute_hour`.
+_POSITIVE_SQL = """
+    CASE WHEN jsonb_typeof(g.label) = 'number' THEN g.label::numeric = 1
+         ELSE g.label IN ('true'::jsonb, '"1"'::jsonb, '"true"'::jsonb) END"""
+
+_FINITE = "NOT IN ('NaN'::float8, 'Infinity'::float8, '-Infinity'::float8)"
+
+#: One scan of one version's rows: per hour, the counts (grouping set 0), the latency buckets of
+#: first rows (1), the (label, prediction) pairs of labeled rows (2) and the score bins of labeled
+#: rows by class (3). Bucket i of LATENCY_BOUNDS_MS b holds the values with b[i-1] < v <= b[i]
+#: (numpy's ``searchsorted(side="left")``): the number of bounds < v, i.e. 200 minus the number of
+#: negated bounds <= -v, which ``width_bucket`` counts exactly (no logarithms, no rounding).
+_REBUILD_SQL = f"""
+WITH r AS (
+    SELECT date_trunc('hour', p.created_at AT TIME ZONE 'UTC') AS hour,
+           p.row_index = 0 AS first_row,
+           CASE WHEN p.row_index = 0 AND p.latency_ms {_FINITE}
+                THEN %(n_bounds)s - width_bucket(-p.latency_ms, %(negated_bounds)s::float8[])
+           END AS latency_bucket,
+           g.id IS NOT NULL AS labeled,
+           CASE WHEN g.id IS NOT NULL THEN g.label::text END AS label,
+           CASE WHEN g.id IS NOT NULL THEN p.prediction::text END AS prediction,
+           CASE WHEN g.id IS NOT NULL AND p.score {_FINITE}
+                THEN least(%(score_bins)s - 1, greatest(0, trunc(p.score * %(score_bins)s)))::int
+           END AS score_bin,
+           CASE WHEN g.id IS NOT NULL THEN {_POSITIVE_SQL} END AS positive,
+           p.score IS NOT NULL AS has_score,
+           CASE WHEN jsonb_typeof(g.label) = 'number' AND jsonb_typeof(p.prediction) = 'number'
+                THEN g.label::float8 - p.prediction::float8 END AS residual
+      FROM rollouts_predictionlog p
+      LEFT JOIN monitoring_groundtruth g ON g.prediction_id = p.id
+     WHERE p.endpoint_id = %(endpoint)s AND p.model_version_id = %(version)s
+       AND p.created_at >= %(start)s AND p.created_at < %(end)s
+)
+SELECT hour,
+       GROUPING(latency_bucket, label, prediction, positive, score_bin) AS grouping_set,
+       latency_bucket, label, prediction, positive, score_bin,
+       count(*), count(*) FILTER (WHERE first_row), count(*) FILTER (WHERE labeled),
+       count(*) FILTER (WHERE labeled AND has_score),
+       count(residual), coalesce(sum(residual * residual), 0), coalesce(sum(abs(residual)), 0)
+  FROM r
+ GROUP BY GROUPING SETS ((hour), (hour, latency_bucket), (hour, label, prediction),
+                         (hour, positive, score_bin))
+"""
+# GROUPING(...) is a bit mask over its arguments, first argument highest: 0b11111 = 31 for
+# (hour), 0b01111 = 15 for (hour, latency_bucket), 0b10011 = 19 for (hour, label, prediction),
+# 0b11100 = 28 for (hour, positive, score_bin).
+_SET_HOUR, _SET_LATENCY, _SET_CONFUSION, _SET_SCORE = 31, 15, 19, 28
+
+_ROLLUP_FIELDS = (
+    "requests",
+    "rows",
+    "errors",
+    "latency_hist",
+    "labeled",
+    "task",
+    "confusion",
+    "score_pos_hist",
+    "score_neg_hist",
+    "squared_error_sum",
+    "absolute_error_sum",
+)
+
+
+def _utc_hour(naive: datetime) -> datetime:
+    return naive.replace(tzinfo=UTC) if timezone.is_naive(naive) else naive
+
+
+def _rebuild_hours_sql(
+    endpoint_id: int, version: ModelVersion, start: datetime, end: datetime
+) -> dict[datetime, dict[str, Any]]:
+    """:func:`compute_hour` of every hour of [start, end) that has rows or errors, in one
+    scan of the version's rows (PostgreSQL)."""
+    task = version_task(version)
+    hours: dict[datetime, dict[str, Any]] = {}
+    latency: dict[datetime, np.ndarray] = {}
+    pos: dict[datetime, np.ndarray] = {}
+    neg: dict[datetime, np.ndarray] = {}
+    confusion: dict[datetime, metrics.Confusion] = {}
+    scored: dict[datetime, bool] = {}
+
+    def hour_of(naive: datetime) -> dict[str, Any]:
+        hour = _utc_hour(naive)
+        if hour not in hours:
+            hours[hour] = {
+                "requests": 0,
+                "rows": 0,
+                "errors": 0,
+                "labeled": 0,
+                "task": task,
+                "squared_error_sum": 0.0,
+                "absolute_error_sum": 0.0,
+            }
+            latency[hour] = np.zeros(metrics.LATENCY_BUCKETS, dtype=np.int64)
+            pos[hour] = np.zeros(metrics.SCORE_BINS, dtype=np.int64)
+            neg[hour] = np.zeros(metrics.SCORE_BINS, dtype=np.int64)
+            confusion[hour] = metrics.Confusion()
+            scored[hour] = False
+        return hours[hour]
+
+    params = {
+        "endpoint": endpoint_id,
+        "version": version.pk,
+        "start": start,
+        "end": end,
+        "n_bounds": len(metrics.LATENCY_BOUNDS_MS),
+        "negated_bounds": [float(-b) for b in metrics.LATENCY_BOUNDS_MS[::-1]],
+        "score_bins": metrics.SCORE_BINS,
+    }
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL work_mem = '256MB'")
+        cursor.execute(_REBUILD_SQL, params)
+        for (
+            naive,
+            grouping_set,
+            bucket,
+            label,
+            prediction,
+            positive,
+            score_bin,
+            n,
+            first_rows,
+            labeled,
+            labeled_scored,
+            residuals,
+            sq,
+            ab,
+        ) in cursor.fetchall():
+            fields = hour_of(naive)
+            hour = _utc_hour(naive)
+            if grouping_set == _SET_HOUR:
+                fields["rows"] = n
+                fields["requests"] = first_rows
+                if task == "regression":
+                    fields["labeled"] = residuals
+                    fields["squared_error_sum"] = float(sq)
+                    fields["absolute_error_sum"] = float(ab)
+                else:
+                    fields["labeled"] = labeled
+                    scored[hour] = labeled_scored > 0
+            elif grouping_set == _SET_LATENCY and bucket is not None:
+                latency[hour][bucket] += n
+            elif grouping_set == _SET_CONFUSION and label is not None and task != "regression":
+                confusion[hour].add(json.loads(label), json.loads(prediction), n)
+            elif grouping_set == _SET_SCORE and score_bin is not None and task != "regression":
+                (pos if positive else neg)[hour][score_bin] += n
+        cursor.execute(
+            """
+            SELECT date_trunc('hour', created_at AT TIME ZONE 'UTC'), count(*)
+              FROM rollouts_servingerror
+             WHERE endpoint_id = %s AND model_version_id = %s
+               AND created_at >= %s AND created_at < %s
+             GROUP BY 1
+            """,
+            [endpoint_id, version.pk, start, end],
+        )
+        for naive, n in cursor.fetchall():
+            hour_of(naive)["errors"] = n
+    for hour, fields in hours.items():
+        fields["latency_hist"] = latency[hour].tolist()
+        fields["confusion"] = confusion[hour].counts
+        fields["score_pos_hist"] = pos[hour].tolist() if scored[hour] else []
+        fields["score_neg_hist"] = neg[hour].tolist() if scored[hour] else []
+    return hours
+
+
+def _rebuild_hours_python(
+    endpoint_id: int, version: ModelVersion, start: datetime, end: datetime
+) -> dict[datetime, dict[str, Any]]:
+    """The same as :func:`_rebuild_hours_sql`, hour by hour with :func:`compute_hour`."""
+    found: set[datetime] = set()
+    for model in (PredictionLog, ServingError):
+        found.update(
+            floor_hour(t)
+            for t in model.objects.filter(
+                endpoint_id=endpoint_id,
+                model_version=version,
+                created_at__gte=start,
+                created_at__lt=end,
+            ).values_list("created_at", flat=True)
+        )
+    return {hour: compute_hour(endpoint_id, version, hour) for hour in sorted(found)}
+
+
+def rollups_rebuild(endpoint_id: int, start: datetime, end: datetime) -> RefreshResult:
+    """Recompute the hour rollups of every version of an endpoint in [start, end) (whole hours)
+    and the day rollups of the days they touch, as :func:`refresh_window` would hour by hour,
+    for a backfill. On PostgreSQL one set-based query per version computes every hour (equal to
+    :func:`compute_hour`, tested); elsewhere each hour is computed in Python. Hour rollups in
+    the range without rows or errors are deleted; stale marks in the range made before the
+    rebuild began are cleared. Drift rollups are not touched."""
+    began = timezone.now()
+    start = floor_hour(start)
+    end = floor_hour(end) + (HOUR if end != floor_hour(end) else timedelta(0))
+    endpoint = Endpoint.objects.get(pk=endpoint_id)
+    versions = ModelVersion.objects.filter(registered_model_id=endpoint.registered_model_id)
+    rebuild = _rebuild_hours_sql if connection.vendor == "postgresql" else _rebuild_hours_python
+    result = RefreshResult()
+    for version in versions.select_related("registered_model"):
+        hours = rebuild(endpoint_id, version, start, end)
+        existing = Rollup.objects.filter(
+            endpoint_id=endpoint_id,
+            model_version=version,
+            granularity=Granularity.HOUR,
+            window_start__gte=start,
+            window_start__lt=end,
+        )
+        days = {floor_day(h) for h in hours} | {
+            floor_day(h) for h in existing.values_list("window_start", flat=True)
+        }
+        now = timezone.now()
+        with transaction.atomic():
+            existing.exclude(window_start__in=list(hours)).delete()
+            Rollup.objects.bulk_create(
+                [
+                    Rollup(
+                        endpoint_id=endpoint_id,
+                        model_version=version,
+                        granularity=Granularity.HOUR,
+                        window_start=hour,
+                        computed_at=now,
+                        **fields,
+                    )
+                    for hour, fields in hours.items()
+                ],
+                batch_size=500,
+                update_conflicts=True,
+                unique_fields=["endpoint", "model_version", "granularity", "window_start"],
+                update_fields=[*_ROLLUP_FIELDS, "computed_at"],
+            )
+            for day in sorted(days):
+                parts = Rollup.objects.filter(
+                    endpoint_id=endpoint_id,
+                    model_version=version,
+                    granularity=Granularity.HOUR,
+                    window_start__gte=day,
+                    window_start__lt=day + DAY,
+                )
+                _save_rollup(endpoint_id, version.pk, Granularity.DAY, day, merge_rollups(parts))
+        result.hours += len(hours)
+        result.days += len(days)
+    StaleWindow.objects.filter(
+        endpoint_id=endpoint_id, hour__gte=start, hour__lt=end, marked_at__lt=began
+    ).delete()
     return result
