@@ -674,7 +674,7 @@ def _rebuild_hours_sql(
         for naive, n in cursor.fetchall():
             hour_of(naive)["errors"] = n
     for hour, fields in hours.items():
-        fields["latency_hist"] = latency[hour].tolist()
+        fields["latency_hist"] = np.trim_zeros(latency[hour], trim="b").tolist()
         fields["confusion"] = confusion[hour].counts
         fields["score_pos_hist"] = pos[hour].tolist() if scored[hour] else []
         fields["score_neg_hist"] = neg[hour].tolist() if scored[hour] else []
