@@ -10,6 +10,7 @@ import math
 import re
 from datetime import datetime, timedelta
 
+import numpy as np
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -271,6 +272,55 @@ def test_roc_auc_from_score_histograms(client, endpoint, versions, manager):
     (v,) = response.context["versions"]
     assert v.role == "not live"
     assert v.roc_auc == pytest.approx(roc_auc_score(positive, scores))
+
+
+def test_hour_windows_take_roc_auc_from_the_hours_of_the_range(client, endpoint, versions, manager):
+    """Hour pages read score histograms from the first day's hours and the later days' day
+    rollups; the figure equals the one over every hour in the range."""
+    v1 = versions[0]
+    now = timezone.now()
+    rng = np.random.default_rng(4)
+    labels = {"1": {"1": 4}, "0": {"0": 4}}
+    rollups, all_scores, all_positive = [], [], []
+    by_day: dict = {}
+    for h in range(90):  # more hours than the 3-day range holds, over 4 or 5 calendar days
+        start = floor_hour(now) - timedelta(hours=h)
+        positive = [bool(x) for x in rng.integers(0, 2, 8)]
+        scores = [float(x) for x in rng.random(8)]
+        all_scores += scores
+        all_positive += positive
+        rollups.append(
+            _rollup(
+                endpoint, v1, "hour", start, requests=8, confusion=labels, scores=(scores, positive)
+            )
+        )
+        day = by_day.setdefault(floor_day(start), ([], []))
+        day[0].extend(scores)
+        day[1].extend(positive)
+    for day, (scores, positive) in by_day.items():
+        rollups.append(
+            _rollup(endpoint, v1, "day", day, requests=len(scores), scores=(scores, positive))
+        )
+    Rollup.objects.bulk_create(rollups)
+    client.force_login(manager)
+
+    response = client.get(_url(endpoint), {"window": "hour", "days": 3})
+    hours, start = response.context["versions"][0], response.context["range"].start
+    in_range = [floor_hour(now) - timedelta(hours=h) >= start for h in range(90)]
+    assert 0 < sum(in_range) < 90
+    pos, neg = metrics.score_histograms(
+        [
+            s
+            for s, keep in zip(all_scores, [k for k in in_range for _ in range(8)], strict=True)
+            if keep
+        ],
+        [
+            p
+            for p, keep in zip(all_positive, [k for k in in_range for _ in range(8)], strict=True)
+            if keep
+        ],
+    )
+    assert hours.roc_auc == pytest.approx(metrics.roc_auc_from_histograms(pos, neg), abs=1e-12)
 
 
 def test_default_window_and_bad_ranges(client, endpoint, versions, manager):
