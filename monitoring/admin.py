@@ -1,13 +1,14 @@
 """Admin for alert rules (saved through the audited services), alerts and retraining requests
-(read-only here: alerts are acknowledged on the portal's alert page)."""
+(read-only here: alerts are acknowledged on the portal's alert page), and drift thresholds."""
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 
-from monitoring import alerts
-from monitoring.models import Alert, AlertRule, RetrainingRequest
+from monitoring import alerts, drift
+from monitoring.models import Alert, AlertRule, DriftSettings, RetrainingRequest
 from portal.errors import Conflict
 
 
@@ -110,3 +111,46 @@ class RetrainingRequestAdmin(admin.ModelAdmin):
                 alerts.retraining_request_close(request_id=retraining.pk, actor=request.user)
             except (Conflict, PermissionDenied) as exc:
                 messages.error(request, str(exc))
+
+
+THRESHOLD_FIELDS = ("psi_warning", "psi_drift", "wasserstein", "jensen_shannon", "missing_change")
+
+
+class DriftSettingsForm(forms.ModelForm):
+    class Meta:
+        model = DriftSettings
+        fields = ["endpoint", *THRESHOLD_FIELDS, "drift_share", "feature_thresholds"]
+
+    def clean(self):
+        data = super().clean()
+        limits = {name: data.get(name) for name in THRESHOLD_FIELDS}
+        try:
+            base = drift.Thresholds(**limits)
+            for name, overrides in (data.get("feature_thresholds") or {}).items():
+                if not isinstance(overrides, dict) or set(overrides) - set(THRESHOLD_FIELDS):
+                    raise ValueError(
+                        f"feature_thresholds[{name!r}] must map some of "
+                        f"{', '.join(THRESHOLD_FIELDS)} to numbers"
+                    )
+                drift.Thresholds(**{**base.__dict__, **overrides})
+        except (TypeError, ValueError) as exc:
+            raise forms.ValidationError(str(exc)) from exc
+        share = data.get("drift_share")
+        if share is not None and not 0 < share <= 1:
+            self.add_error("drift_share", "The drifted share must be in (0, 1].")
+        return data
+
+
+@admin.register(DriftSettings)
+class DriftSettingsAdmin(admin.ModelAdmin):
+    """Drift thresholds per endpoint. Saving one is audited and has every window of the
+    endpoint compared again under the new limits."""
+
+    form = DriftSettingsForm
+    list_display = ["endpoint", "psi_warning", "psi_drift", "wasserstein", "jensen_shannon"]
+
+    def save_model(self, request, obj, form, change):
+        from monitoring.services import drift_settings_saved
+
+        super().save_model(request, obj, form, change)
+        drift_settings_saved(actor=request.user, settings_row=obj, changed=form.changed_data)

@@ -13,7 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from monitoring import drift
-from monitoring.models import DriftBaseline, Granularity, GroundTruth, Rollup
+from monitoring.models import DriftBaseline, DriftSettings, Granularity, GroundTruth, Rollup
 from monitoring.rollups import windows_mark_stale
 from portal.audit import audit_record
 from portal.roles import can_request_deployment, is_platform_admin
@@ -233,3 +233,21 @@ def _mark_version_stale(endpoint: Endpoint, model_version: ModelVersion) -> None
         endpoint=endpoint, model_version=model_version, granularity=Granularity.HOUR
     ).values_list("window_start", flat=True)
     windows_mark_stale((endpoint.pk, model_version.pk, hour) for hour in hours)
+
+
+def drift_settings_saved(*, actor: User, settings_row: DriftSettings, changed: list[str]) -> None:
+    """After a platform admin saved an endpoint's drift thresholds (checked by the admin's
+    form): audit the new limits and mark every hour of the endpoint stale, so its drift is
+    compared again under them."""
+    audit_record(
+        actor=actor,
+        action="drift.settings_saved",
+        obj=settings_row,
+        registered_model=settings_row.endpoint.registered_model.name,
+        environment=settings_row.endpoint.environment.name,
+        after={name: getattr(settings_row, name) for name in changed},
+    )
+    hours = Rollup.objects.filter(
+        endpoint_id=settings_row.endpoint_id, granularity=Granularity.HOUR
+    ).values_list("model_version_id", "window_start")
+    windows_mark_stale((settings_row.endpoint_id, v, h) for v, h in hours)

@@ -400,3 +400,47 @@ def test_choosing_a_baseline_is_checked_audited_and_recomputes_the_versions_wind
     assert drift_baseline_clear(actor=data_scientist, endpoint=endpoint, model_version=v1)
     assert not drift_baseline_clear(actor=data_scientist, endpoint=endpoint, model_version=v1)
     assert AuditEvent.objects.filter(action="drift.baseline_cleared").count() == 1
+
+
+def test_drift_settings_in_the_admin_are_checked_audited_and_recompute_windows(
+    client, churn, platform_admin
+):
+    from monitoring.models import DriftSettings
+    from portal.models import AuditEvent
+
+    endpoint, v1 = churn
+    _log(endpoint, v1, HOUR0, 1)
+    rollups.rollups_refresh(with_drift=False)
+    client.force_login(platform_admin)
+    url = "/admin/monitoring/driftsettings/add/"
+    form = {
+        "endpoint": endpoint.pk,
+        "psi_warning": 0.3,
+        "psi_drift": 0.2,  # below the warning: refused
+        "wasserstein": 0.1,
+        "jensen_shannon": 0.1,
+        "missing_change": 0.1,
+        "drift_share": 0.5,
+        "feature_thresholds": "{}",
+    }
+    refused = client.post(url, form)
+    assert (
+        refused.status_code == 200
+        and "psi_warning must not exceed psi_drift" in refused.content.decode()
+    )
+    refused = client.post(
+        url, {**form, "psi_drift": 0.5, "feature_thresholds": '{"x": {"psi": 1}}'}
+    )
+    assert "must map some of psi_warning" in refused.content.decode()
+    assert not DriftSettings.objects.exists()
+
+    saved = client.post(
+        url, {**form, "psi_drift": 0.5, "feature_thresholds": '{"x": {"psi_drift": 0.9}}'}
+    )
+
+    assert saved.status_code == 302
+    assert DriftSettings.objects.get().feature_thresholds == {"x": {"psi_drift": 0.9}}
+    assert AuditEvent.objects.filter(action="drift.settings_saved").count() == 1
+    assert StaleWindow.objects.filter(hour=HOUR0).exists()
+    base, per_feature, share = rollups.thresholds_for(endpoint.pk)
+    assert (base.psi_warning, per_feature["x"].psi_drift, share) == (0.3, 0.9, 0.5)

@@ -63,15 +63,45 @@ def replay(
             {"request_id": request_id, "label": labels[0] if len(labels) == 1 else labels}
         )
     if send_labels:
-        for start in range(0, len(feedback), 500):
+        counts["labeled"] = post_feedback(session, url, feedback, timeout_s=timeout_s)
+    return counts
+
+
+def post_feedback(
+    session: requests.Session,
+    url: str,
+    items: list[dict],
+    *,
+    timeout_s: float = 30.0,
+    retries: int = 5,
+) -> int:
+    """Post labels to ``/api/feedback`` in chunks of 500; returns how many were accepted.
+
+    The serving log is written in bulk a fraction of a second after each answer, so the labels
+    of the last requests may arrive first and come back ``unknown``: those are sent again after
+    a second, up to ``retries`` times, as a real client would."""
+    accepted = 0
+    pending = list(items)
+    for attempt in range(retries + 1):
+        unknown: set[str] = set()
+        for start in range(0, len(pending), 500):
             response = session.post(
                 f"{url.rstrip('/')}/api/feedback",
-                json=feedback[start : start + 500],
+                json=pending[start : start + 500],
                 timeout=timeout_s,
             )
             response.raise_for_status()
-            counts["labeled"] += response.json()["accepted"]
-    return counts
+            accepted += response.json()["accepted"]
+            unknown.update(response.json()["unknown"])
+        pending = [
+            item
+            for item in pending
+            if str(item.get("request_id", item.get("inference_id"))) in unknown
+        ]
+        if not pending or attempt == retries:
+            break
+        time.sleep(1.0)
+    return accepted
 
 
 @dataclass(frozen=True)
@@ -194,12 +224,7 @@ def simulate_days(
         counts["moved"] += rows.update(created_at=when)
         keys.update(rows.values_list("endpoint_id", "model_version_id", "created_at"))
     windows_mark_stale(moved_from | keys)
-    for start in range(0, len(feedback), 500):
-        response = session.post(
-            f"{base}/api/feedback", json=feedback[start : start + 500], timeout=timeout_s
-        )
-        response.raise_for_status()
-        counts["labeled"] += response.json()["accepted"]
+    counts["labeled"] = post_feedback(session, base, feedback, timeout_s=timeout_s)
     return counts
 
 
