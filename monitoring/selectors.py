@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from django.contrib.auth.models import AnonymousUser, User
-from django.db.models import Count, F, Min, OuterRef, Q, Subquery
+from django.db.models import Count, F, Min, Q
 from django.utils import timezone
 
 from monitoring import metrics
@@ -548,18 +548,36 @@ def endpoint_health(
     return out
 
 
-def latest_day_drift(endpoint_ids: Iterable[int]) -> dict[int, list[DriftWindow]]:
-    """Each endpoint's drift rollups of its latest day (one per version that had traffic that
-    day), stable-agnostic, version order. One query."""
-    latest = (
-        DriftRollup.objects.filter(endpoint=OuterRef("endpoint"), granularity=Granularity.DAY)
-        .order_by("-window_start")
-        .values("window_start")[:1]
-    )
+#: How far back the overview looks for drifted features.
+RECENT_DRIFT_DAYS = 7
+
+
+@dataclass
+class RecentDrift:
+    """One version's drift over the overview's recent days: the latest day window's status,
+    and every feature that drifted in any of those days, most recent drift first."""
+
+    version: int
+    window_start: datetime
+    status: str
+    drifted_features: list[str]
+    prediction: dict[str, str] | None
+
+
+def recent_drift(
+    endpoint_ids: Iterable[int], *, now: datetime | None = None, days: int = RECENT_DRIFT_DAYS
+) -> dict[int, list[RecentDrift]]:
+    """Per endpoint and version (version order): the day windows of the last ``days`` days
+    summed up as :class:`RecentDrift`. A drift episode stays on the overview after its last
+    drifted day, until ``days`` have passed. One query."""
+    since = floor_day(now or timezone.now()) - timedelta(days=days - 1)
     rows = (
-        DriftRollup.objects.filter(endpoint_id__in=list(endpoint_ids), granularity=Granularity.DAY)
-        .filter(window_start=Subquery(latest))
-        .order_by("endpoint_id", "model_version__version")
+        DriftRollup.objects.filter(
+            endpoint_id__in=list(endpoint_ids),
+            granularity=Granularity.DAY,
+            window_start__gte=since,
+        )
+        .order_by("endpoint_id", "model_version__version", "-window_start")
         .values_list(
             "endpoint_id",
             "pk",
@@ -572,10 +590,24 @@ def latest_day_drift(endpoint_ids: Iterable[int]) -> dict[int, list[DriftWindow]
             "summary",
         )
     )
-    out: dict[int, list[DriftWindow]] = defaultdict(list)
+    out: dict[int, dict[int, RecentDrift]] = defaultdict(dict)
     for endpoint_id, *rest in rows:
-        out[endpoint_id].append(DriftWindow(*rest))
-    return dict(out)
+        window = DriftWindow(*rest)  # newest first per version
+        recent = out[endpoint_id].get(window.version)
+        if recent is None:
+            recent = out[endpoint_id][window.version] = RecentDrift(
+                version=window.version,
+                window_start=window.window_start,
+                status=window.status,
+                drifted_features=[],
+                prediction=None,
+            )
+        for name in window.drifted_features:
+            if name not in recent.drifted_features:
+                recent.drifted_features.append(name)
+        if (window.prediction or {}).get("status") == "drift":
+            recent.prediction = {"status": "drift"}
+    return {endpoint_id: list(by_version.values()) for endpoint_id, by_version in out.items()}
 
 
 def pending_approvals(endpoint_ids: Iterable[int]) -> dict[int, int]:
@@ -688,7 +720,7 @@ class EndpointSummary:
     endpoint: Endpoint
     live: list[LiveVersion]
     health: EndpointHealth
-    drift: list[DriftWindow]
+    drift: list[RecentDrift]
     open_alerts: int
     pending_approvals: int
 
@@ -696,13 +728,13 @@ class EndpointSummary:
 def overview_endpoints(
     user: User | AnonymousUser, *, now: datetime | None = None
 ) -> list[EndpointSummary]:
-    """Every endpoint visible to ``user`` with its live versions, 24 hour health, latest day's
-    drift, open alerts and pending approvals. Six queries, whatever the number of endpoints."""
+    """Every endpoint visible to ``user`` with its live versions, 24 hour health, recent drift
+    (:func:`recent_drift`), open alerts and pending approvals. Six queries, whatever the number of endpoints."""
     endpoints = list(endpoints_visible_to(user))
     ids = [e.pk for e in endpoints]
     live = live_versions(ids)
     health = endpoint_health(ids, now=now)
-    drift = latest_day_drift(ids)
+    drift = recent_drift(ids, now=now)
     alerts = open_alert_counts(ids)
     pending = pending_approvals(ids)
     return [

@@ -539,11 +539,11 @@ def test_overview_health_drift_links_and_approvals(
     assert summary.pending_approvals == 1
     assert summary.open_alerts == 0
     (latest,) = summary.drift
-    assert latest.drifted_features == ["income", "plan"]
+    assert latest.drifted_features == ["income", "plan", "age"]  # age drifted yesterday
     html = response.content.decode()
     links = re.findall(r'<a class="drifted-feature" href="([^"]+)">([^<]+)</a>', html)
     base = f"/monitoring/endpoints/{endpoint.name}/?window=day&amp;feature="
-    assert links == [(base + "income", "income"), (base + "plan", "plan")]
+    assert links == [(base + name, name) for name in ("income", "plan", "age")]
     assert "9.1%" in html  # error rate
 
 
