@@ -209,19 +209,23 @@ def drift_baseline_clear(*, actor: User, endpoint: Endpoint, model_version: Mode
     return True
 
 
-def _check_may_choose_baseline(actor: User, endpoint: Endpoint) -> None:
+def may_choose_baseline(actor: User, endpoint: Endpoint) -> bool:
+    """Platform admins, and data scientists of the team that owns the endpoint's model."""
     if is_platform_admin(actor):
-        return
+        return True
     team = endpoint.registered_model.team
-    if (
+    return bool(
         can_request_deployment(actor)
         and team is not None
         and team.members.filter(pk=actor.pk).exists()
-    ):
-        return
-    raise PermissionDenied(
-        "Only data scientists of the model's team and platform admins choose drift baselines."
     )
+
+
+def _check_may_choose_baseline(actor: User, endpoint: Endpoint) -> None:
+    if not may_choose_baseline(actor, endpoint):
+        raise PermissionDenied(
+            "Only data scientists of the model's team and platform admins choose drift baselines."
+        )
 
 
 def _window_dict(baseline: DriftBaseline) -> dict[str, str]:

@@ -7,6 +7,7 @@ from monitoring import views
 app_name = "monitoring"
 urlpatterns = [
     path("endpoints/<slug:name>/", views.endpoint_dashboard, name="endpoint"),
+    path("endpoints/<slug:name>/baseline", views.drift_baseline, name="drift_baseline"),
     path(
         "endpoints/<slug:name>/drift/<int:rollup_id>/<path:feature>.json",
         views.drift_histogram,

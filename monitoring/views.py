@@ -1,12 +1,18 @@
 from __future__ import annotations
 
+from django import forms
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.views.decorators.http import require_POST
 
-from monitoring import figures, selectors
+from monitoring import figures, selectors, services
+from monitoring.models import DriftBaseline
 from portal.selectors import audit_events_visible_to
+from registry.models import ModelVersion
 from rollouts import selectors as rollout_selectors
 
 #: Drift windows listed in the per-window summary table, newest first.
@@ -84,8 +90,81 @@ def endpoint_dashboard(request: HttpRequest, name: str) -> HttpResponse:
             "feature": feature,
             "feature_missing": feature_missing,
             "histogram_url": _histogram_url(endpoint.name, 0, "__feature__"),
+            "baselines": DriftBaseline.objects.filter(endpoint=endpoint).select_related(
+                "model_version", "chosen_by"
+            ),
+            "may_choose_baseline": services.may_choose_baseline(request.user, endpoint),
         },
     )
+
+
+class BaselineForm(forms.Form):
+    version = forms.IntegerField(min_value=1)
+    start = forms.DateTimeField(required=False)
+    end = forms.DateTimeField(required=False)
+    clear = forms.BooleanField(required=False)
+
+    def clean(self):
+        data = super().clean()
+        if not data.get("clear") and not (data.get("start") and data.get("end")):
+            raise forms.ValidationError("Give the baseline window's start and end.")
+        return data
+
+
+@login_required
+@require_POST
+def drift_baseline(request: HttpRequest, name: str) -> HttpResponse:
+    """``POST /monitoring/endpoints/<name>/baseline``: make a window of a version's traffic its
+    drift reference (``version``, ``start``, ``end``; UTC) or go back to its training sample
+    (``clear``). 404 for an endpoint or version not visible here, 403 for a user who may not
+    choose, 400 with the reason for a bad window; else back to the dashboard."""
+    endpoint = _visible_endpoint(request, name)
+    if not services.may_choose_baseline(request.user, endpoint):
+        return HttpResponse(
+            "Only data scientists of the model's team and platform admins choose drift baselines.",
+            status=403,
+            content_type="text/plain; charset=utf-8",
+        )
+    form = BaselineForm(request.POST)
+    if not form.is_valid():
+        return HttpResponseBadRequest(
+            "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()),
+            content_type="text/plain; charset=utf-8",
+        )
+    version = get_object_or_404(
+        ModelVersion,
+        registered_model=endpoint.registered_model,
+        version=form.cleaned_data["version"],
+    )
+    data = form.cleaned_data
+    try:
+        if data["clear"]:
+            services.drift_baseline_clear(
+                actor=request.user, endpoint=endpoint, model_version=version
+            )
+            messages.success(
+                request, f"v{version.version} is compared with its training sample again."
+            )
+        else:
+            services.drift_baseline_set(
+                actor=request.user,
+                endpoint=endpoint,
+                model_version=version,
+                start=data["start"],
+                end=data["end"],
+            )
+            messages.success(
+                request,
+                f"v{version.version} is compared with its traffic of {data['start']:%Y-%m-%d %H:%M} "
+                f"to {data['end']:%Y-%m-%d %H:%M}; drift is recomputed within a minute.",
+            )
+    except PermissionDenied as exc:
+        return HttpResponse(str(exc), status=403, content_type="text/plain; charset=utf-8")
+    except ValidationError as exc:
+        return HttpResponseBadRequest(
+            " ".join(exc.messages), content_type="text/plain; charset=utf-8"
+        )
+    return redirect(reverse("monitoring:endpoint", args=[endpoint.name]) + "?window=day")
 
 
 @login_required

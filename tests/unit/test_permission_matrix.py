@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,7 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 
 from monitoring import alerts
-from monitoring.models import Alert, DriftRollup
+from monitoring.models import Alert, DriftBaseline, DriftRollup
 from portal.models import AuditEvent
 from rollouts import services
 from rollouts.models import Endpoint, Environment
@@ -88,6 +89,7 @@ MATRIX: dict[str, dict[str, dict[str, int]]] = {
     },
     "monitoring:alert_rule_enabled": {"POST": S(403, 404, 403, 403, 302, 302)},
     "monitoring:drift_histogram": {"GET": OWN_PAGE},
+    "monitoring:drift_baseline": {"POST": S(302, 404, 403, 403, 302, 302)},
     # --- API ---
     "api-schema": {"GET": ALL_API},
     "api-models": {"GET": ALL_API},
@@ -226,6 +228,10 @@ def world(
         fired_at=now,
         action=rule.action,
     )
+    # a chosen drift baseline, so that going back to the training sample is a real change
+    DriftBaseline.objects.create(
+        endpoint=staging, model_version=v1, start=now, end=now + timedelta(hours=1), chosen_at=now
+    )
     drift = DriftRollup.objects.create(
         endpoint=staging,
         model_version=v2,
@@ -275,6 +281,7 @@ def _kwargs(route: str, method: str, w: SimpleNamespace) -> dict:
         "monitoring:alert_acknowledge": {"alert_id": w.alert.pk},
         "monitoring:alert_rule_edit": {"rule_id": w.rule.pk},
         "monitoring:alert_rule_enabled": {"rule_id": w.rule.pk},
+        "monitoring:drift_baseline": {"name": w.staging.name},
         "monitoring:drift_histogram": {
             "name": w.staging.name,
             "rollup_id": w.drift.pk,
@@ -340,6 +347,7 @@ def _body(route: str, method: str, w: SimpleNamespace):
             "enabled": "on",
         },
         "monitoring:alert_rule_enabled": {"enabled": "0"},
+        "monitoring:drift_baseline": {"version": "1", "clear": "1"},
         "api-requests": {
             "model": REGISTERED_MODEL,
             "version": 1,
