@@ -102,19 +102,25 @@ class FiniteFloatField(serializers.FloatField):
         return value if math.isfinite(value) else None
 
 
-class MetricsWindowSerializer(serializers.Serializer):
-    window_start = serializers.DateTimeField()
+class TrafficSerializer(serializers.Serializer):
+    """What a version served in a window or a range: counts, error rate, label coverage and
+    latency percentiles (ms)."""
+
     requests = serializers.IntegerField()
     rows = serializers.IntegerField()
     errors = serializers.IntegerField()
     labeled = serializers.IntegerField()
     error_rate = FiniteFloatField()
     label_coverage = FiniteFloatField()
-    accuracy = FiniteFloatField()
-    rmse = FiniteFloatField()
     latency_p50_ms = FiniteFloatField()
     latency_p95_ms = FiniteFloatField()
     latency_p99_ms = FiniteFloatField()
+
+
+class MetricsWindowSerializer(TrafficSerializer):
+    window_start = serializers.DateTimeField()
+    accuracy = FiniteFloatField()
+    rmse = FiniteFloatField()
     traffic_share = FiniteFloatField()
 
 
@@ -126,7 +132,7 @@ class ConfusionSerializer(serializers.Serializer):
     )
 
 
-class VersionMetricsSerializer(serializers.Serializer):
+class VersionMetricsSerializer(TrafficSerializer):
     """Figures of one version over the range; a null figure has its reason in ``undefined``."""
 
     version = serializers.IntegerField()
@@ -135,15 +141,6 @@ class VersionMetricsSerializer(serializers.Serializer):
     task = serializers.CharField(help_text="classification or regression")
     window = serializers.SerializerMethodField()
     range_start = serializers.SerializerMethodField()
-    requests = serializers.IntegerField()
-    rows = serializers.IntegerField()
-    errors = serializers.IntegerField()
-    labeled = serializers.IntegerField()
-    error_rate = FiniteFloatField()
-    label_coverage = FiniteFloatField()
-    latency_p50_ms = FiniteFloatField()
-    latency_p95_ms = FiniteFloatField()
-    latency_p99_ms = FiniteFloatField()
     accuracy = FiniteFloatField()
     precision = FiniteFloatField()
     recall = FiniteFloatField()
