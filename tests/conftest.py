@@ -25,6 +25,21 @@ TEAM = "diagnostics"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_stray_test_database_sessions(django_db_setup, django_db_blocker):
+    """At the end of the session, before the test database is dropped, end the PostgreSQL
+    sessions that other threads may still hold on it (after the browser tests, one of the live
+    server's is left), so that the drop does not fail with "being accessed by other users"."""
+    yield
+    if connection.vendor != "postgresql":
+        return
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     """Personas get passwords; the production hasher costs ~0.5 s per user."""
