@@ -302,14 +302,11 @@ def _range_score_histograms(
     )
     out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for version_id, pos, neg in rows:
-        total = out.get(version_id)
-        if total is None:
-            total = out[version_id] = (
-                np.zeros(metrics.SCORE_BINS, dtype=np.int64),
-                np.zeros(metrics.SCORE_BINS, dtype=np.int64),
-            )
-        total[0][: len(pos)] += np.asarray(pos, dtype=np.int64)
-        total[1][: len(neg)] += np.asarray(neg, dtype=np.int64)
+        total_pos, total_neg = out.get(version_id, (np.zeros(0, np.int64),) * 2)
+        out[version_id] = (
+            metrics.add_histograms(total_pos, pos),
+            metrics.add_histograms(total_neg, neg),
+        )
     return out
 
 
@@ -529,18 +526,15 @@ def endpoint_health(
     rows = Rollup.objects.filter(
         endpoint_id__in=list(endpoint_ids), granularity=Granularity.HOUR, window_start__gte=since
     ).values_list("endpoint_id", "requests", "errors", "latency_hist")
-    hists: dict[int, list[int]] = {}
+    hists: dict[int, np.ndarray] = {}
     out: dict[int, EndpointHealth] = {}
     for endpoint_id, requests, errors, hist in rows:
         health = out.setdefault(endpoint_id, EndpointHealth())
         health.requests += requests
         health.errors += errors
         if hist:
-            acc = hists.setdefault(endpoint_id, [])
-            acc.extend([0] * (len(hist) - len(acc)))  # histograms end at their last non-zero
-            for i, n in enumerate(hist):
-                if n:
-                    acc[i] += n
+            empty = np.zeros(0, dtype=np.int64)
+            hists[endpoint_id] = metrics.add_histograms(hists.get(endpoint_id, empty), hist)
     for endpoint_id, health in out.items():
         health.error_rate = _ratio(health.errors, health.requests + health.errors)
         if endpoint_id in hists:
