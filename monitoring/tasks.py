@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from celery import shared_task
-from django.core.cache import cache
 
 from monitoring import rollups
+from portal.leases import leased
 
-#: One refresh at a time across workers; a run that outlives this is assumed dead.
+#: One refresh at a time across workers (a lease in the database, seen by every worker); a run
+#: that outlives this is assumed dead and its lease lapses.
 REFRESH_LOCK_S = 600
 
 
 @shared_task
 def refresh_rollups() -> dict[str, int]:
     """Periodic (beat): recompute the stale hours, their days and their drift."""
-    if not cache.add("rollgate:refresh-rollups", 1, timeout=REFRESH_LOCK_S):
-        return {"skipped": 1}
-    try:
+    with leased("monitoring:refresh-rollups", ttl=timedelta(seconds=REFRESH_LOCK_S)) as held:
+        if not held:
+            return {"skipped": 1}
         result = rollups.rollups_refresh()
-    finally:
-        cache.delete("rollgate:refresh-rollups")
     return {"hours": result.hours, "days": result.days, "drift_windows": result.drift_windows}
 
 
-#: One evaluation at a time across workers; a run that outlives this is assumed dead.
+#: One evaluation at a time across workers (a database lease); a run that outlives this is
+#: assumed dead.
 ALERT_LOCK_S = 300
 
 
@@ -34,12 +36,10 @@ def evaluate_alerts() -> dict[str, int]:
     them (see :mod:`monitoring.alerts`). Idempotent."""
     from monitoring import alerts
 
-    if not cache.add("rollgate:evaluate-alerts", 1, timeout=ALERT_LOCK_S):
-        return {"skipped": 1}
-    try:
+    with leased("monitoring:evaluate-alerts", ttl=timedelta(seconds=ALERT_LOCK_S)) as held:
+        if not held:
+            return {"skipped": 1}
         return alerts.alerts_evaluate().as_dict()
-    finally:
-        cache.delete("rollgate:evaluate-alerts")
 
 
 @shared_task(autoretry_for=(OSError,), retry_backoff=10, max_retries=3)

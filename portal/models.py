@@ -68,3 +68,20 @@ class Team(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class Lease(models.Model):
+    """A named, expiring claim on some work, shared by every process through the database.
+
+    Held by ``holder`` until ``expires_at``; a holder that dies simply lets it lapse, and the
+    next claimant after that time takes it over. Acquired and released only through
+    :mod:`portal.leases` (one conditional UPDATE, or an INSERT when the name is new).
+    """
+
+    name = models.CharField(max_length=200, unique=True)
+    holder = models.CharField(max_length=200)
+    expires_at = models.DateTimeField(db_index=True)
+    acquired_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"lease {self.name} held by {self.holder} until {self.expires_at:%Y-%m-%d %H:%M:%S}"

@@ -244,6 +244,14 @@ class DeploymentRequest(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     decided_at = models.DateTimeField(null=True, blank=True)
     live_at = models.DateTimeField(null=True, blank=True)
+    # The deploy task's claim while ``deploying``: a worker that dies lets it lapse, and beat
+    # (``redispatch_stalled``) queues the deploy again; see ``services.deployment_execute``.
+    deploy_attempts = models.PositiveSmallIntegerField(
+        default=0, help_text="deploy tasks that claimed this request"
+    )
+    deploy_lease_until = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="the claiming deploy task's lease expiry"
+    )
 
     class Meta:
         ordering = ["-created_at"]

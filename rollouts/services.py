@@ -13,11 +13,13 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import transaction
+from django.db import models, transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
@@ -617,9 +619,20 @@ def freeze_window_create(
 # --- Deployment execution (called by the Celery task) ----------------------------------------
 
 
+def deploy_lease() -> timedelta:
+    """How long a deploy task's claim on a request lasts: the task's hard time limit (the
+    worker kills the task after it) plus a margin; after that the claimant is presumed dead."""
+    return timedelta(seconds=settings.DEPLOY_TIME_LIMIT_S + 30)
+
+
 def deployment_execute(*, request_id: int) -> DeploymentRequest:
     """Deploy an approved request: load the version, smoke-test it on its input example, pin its
     artifact digest, make it the endpoint's live version and move the environment's alias.
+
+    The task first claims the request (``deploy_attempts`` + 1, ``deploy_lease_until``); a
+    second delivery while that claim is live does nothing. When the claimant died, its lease
+    lapses and ``deployment_requests_redispatch`` (beat) queues the deploy again; after
+    ``DEPLOY_MAX_ATTEMPTS`` lapsed claims the request is marked failed with the reason.
 
     Idempotent: run twice, or again after a worker died mid-way, it converges to the same end
     state. A failed smoke test marks the request failed and leaves the previous version live.
@@ -628,8 +641,10 @@ def deployment_execute(*, request_id: int) -> DeploymentRequest:
         mlflow_client.RegistryError: only when moving the alias failed (the task retries); the
             deployment itself is already live by then.
     """
-    req, deployment = _deployment_begin(request_id)
-    if req.status == Status.DEPLOYING:
+    req, deployment, claimed = _deployment_begin(request_id)
+    if claimed:
+        if settings.DEPLOY_TEST_DELAY_S:
+            time.sleep(settings.DEPLOY_TEST_DELAY_S)
         try:
             digest = _smoke_test(req.model_version)
             if req.artifact_digest and digest != req.artifact_digest:
@@ -646,20 +661,48 @@ def deployment_execute(*, request_id: int) -> DeploymentRequest:
     return req
 
 
+def _lapsed_reason(attempts: int) -> str:
+    return (
+        f"the deployment was abandoned {attempts} times (its worker stopped before finishing); "
+        f"giving up after {settings.DEPLOY_MAX_ATTEMPTS} attempts"
+    )
+
+
 @transaction.atomic
-def _deployment_begin(request_id: int) -> tuple[DeploymentRequest, Deployment | None]:
+def _deployment_begin(request_id: int) -> tuple[DeploymentRequest, Deployment | None, bool]:
+    """Claim the request for this deploy task; returns (request, its deployment, claimed)."""
     req = _locked_request(request_id)
+    now = timezone.now()
+    claimed = False
     if req.status == Status.APPROVED:
         old = _transition(req, Status.DEPLOYING)
         _audit(
             req, "deployment.started", None, before={"status": old}, after={"status": req.status}
         )
+        claimed = True
+    elif req.status == Status.DEPLOYING and (
+        req.deploy_lease_until is None or req.deploy_lease_until <= now
+    ):
+        if req.deploy_attempts >= settings.DEPLOY_MAX_ATTEMPTS:
+            return _deployment_fail(req.pk, reason=_lapsed_reason(req.deploy_attempts)), None, False
+        _audit(
+            req,
+            "deployment.reclaimed",
+            None,
+            before={"attempts": req.deploy_attempts, "lease_until": str(req.deploy_lease_until)},
+            after={"attempts": req.deploy_attempts + 1},
+        )
+        claimed = True
+    if claimed:
+        req.deploy_attempts += 1
+        req.deploy_lease_until = now + deploy_lease()
+        req.save(update_fields=["deploy_attempts", "deploy_lease_until", "updated_at"])
     if req.status not in (Status.DEPLOYING, Status.LIVE):
-        return req, None
+        return req, None, False
     deployment, _ = Deployment.objects.get_or_create(
         request=req, defaults={"endpoint": req.endpoint, "model_version": req.model_version}
     )
-    return req, deployment
+    return req, deployment, claimed
 
 
 def _smoke_test(model_version: ModelVersion) -> str:
@@ -937,18 +980,42 @@ def api_key_revoke(*, key_id: int, actor: User | None) -> ApiKey:
 
 
 def deployment_requests_redispatch(*, older_than: timedelta = timedelta(minutes=2)) -> list[int]:
-    """Queue again the work of requests stuck before a worker picked them up: pending gates
-    and approved-but-not-deploying requests unchanged for ``older_than``. Safe to repeat: both
-    tasks are idempotent. Returns the request ids queued."""
+    """Queue again the work the database says nobody is doing: pending gates and
+    approved-but-not-deploying requests unchanged for ``older_than`` (their task never reached a
+    worker), and deploying requests whose deploy lease lapsed (their worker died; the broker may
+    redeliver the message only after its visibility timeout, or never). A lapsed request that
+    used up ``DEPLOY_MAX_ATTEMPTS`` is marked failed here, with no worker needed. Safe to
+    repeat: the tasks are idempotent and a deploy claims its request first. Returns the request
+    ids queued or failed."""
     from rollouts import tasks
 
-    cutoff = timezone.now() - older_than
-    stuck = DeploymentRequest.objects.filter(
-        status__in=[Status.PENDING_GATES, Status.APPROVED], updated_at__lt=cutoff
-    ).values_list("pk", "status")
-    queued = []
+    now = timezone.now()
+    cutoff = now - older_than
+    stuck = list(
+        DeploymentRequest.objects.filter(
+            status__in=[Status.PENDING_GATES, Status.APPROVED], updated_at__lt=cutoff
+        ).values_list("pk", "status")
+    )
+    abandoned = DeploymentRequest.objects.filter(status=Status.DEPLOYING).filter(
+        models.Q(deploy_lease_until__lte=now) | models.Q(deploy_lease_until__isnull=True)
+    )
+    done = []
+    for pk, attempts in abandoned.values_list("pk", "deploy_attempts"):
+        if attempts >= settings.DEPLOY_MAX_ATTEMPTS:
+            with transaction.atomic():
+                _deployment_fail_lapsed(pk)
+            done.append(pk)
+        else:
+            stuck.append((pk, Status.DEPLOYING))
     for pk, status in stuck:
         task = tasks.run_gates if status == Status.PENDING_GATES else tasks.execute_deployment
         if enqueue(task, pk):
-            queued.append(pk)
-    return queued
+            done.append(pk)
+    return done
+
+
+def _deployment_fail_lapsed(request_id: int) -> None:
+    req = _locked_request(request_id)
+    lapsed = req.deploy_lease_until is None or req.deploy_lease_until <= timezone.now()
+    if req.status == Status.DEPLOYING and lapsed:
+        _deployment_fail(req.pk, reason=_lapsed_reason(req.deploy_attempts))

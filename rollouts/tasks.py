@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import shared_task
+from django.conf import settings
 
 from registry.mlflow_client import RegistryError
 from rollouts import notifications, services
@@ -23,7 +24,15 @@ def run_gates(request_id: int) -> str | None:
         return None
 
 
-@shared_task(autoretry_for=(RegistryError,), retry_backoff=2, max_retries=5, acks_late=True)
+@shared_task(
+    autoretry_for=(RegistryError,),
+    retry_backoff=2,
+    max_retries=5,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    time_limit=settings.DEPLOY_TIME_LIMIT_S,
+    soft_time_limit=max(settings.DEPLOY_TIME_LIMIT_S - 15, 1),
+)
 def execute_deployment(request_id: int) -> str | None:
     """Launch the deployment of an approved request; returns the request's final status."""
     try:
@@ -43,7 +52,8 @@ def expire_requests() -> int:
 @shared_task
 def redispatch_stalled() -> int:
     """Periodic (beat): queue again gates and deployments whose task never reached a worker
-    (the broker was down when they were requested)."""
+    (the broker was down when they were requested), and deployments whose worker died (their
+    lease in the database lapsed); see ``services.deployment_requests_redispatch``."""
     return len(services.deployment_requests_redispatch())
 
 

@@ -619,13 +619,17 @@ def test_execute_twice_converges(deploy, synced):
 def test_execute_resumes_after_worker_died_mid_way(
     awaiting_review, data_scientist, reviewer, synced, django_capture_on_commit_callbacks
 ):
-    """A worker that died after marking the request deploying: the redelivered task finishes."""
+    """A worker that died after marking the request deploying: once its lease lapsed, the
+    redelivered task finishes."""
     req = awaiting_review(synced[0])
     with django_capture_on_commit_callbacks():
         services.deployment_request_approve(request_id=req.pk, reviewer=reviewer)
     services._deployment_begin(req.pk)
     req.refresh_from_db()
     assert req.status == Status.DEPLOYING
+    DeploymentRequest.objects.filter(pk=req.pk).update(
+        deploy_lease_until=timezone.now() - timedelta(seconds=1)
+    )
     with pytest.raises(services.InvalidTransition):  # too late to cancel
         services.deployment_request_cancel(request_id=req.pk, actor=data_scientist)
 
