@@ -53,11 +53,14 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Warm every routed model version before the worker accepts its first request: loading a
-    pyfunc model in a fresh process takes seconds, which no client should wait for."""
+    """Warm every routed (and launching, and rollback-target) model version before the worker
+    accepts its first request: loading a pyfunc model in a fresh process takes seconds, which
+    no client should wait for. Then start the worker's refresher thread, which re-reads the
+    routing and key tables every half ``SERVING_ROUTE_TTL_S`` and warms new versions before
+    they take traffic."""
     from django.db import connection
 
-    from rollouts.serving.runtime import warm_all
+    from rollouts.serving.runtime import refresher, warm_all
 
     try:
         names = warm_all()
@@ -66,6 +69,7 @@ def post_worker_init(worker):
         worker.log.exception("warming the model cache failed; versions load on first request")
     finally:
         connection.close()
+    refresher.start()
     import gc
     import sys
 

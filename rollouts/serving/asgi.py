@@ -8,10 +8,10 @@ from that convoy, not from the model (issue 4: p99 over 400 ms at 16 connections
 thread per process does all of it. The steps and answers are those of the Django view
 (:mod:`rollouts.serving.invocation`); only the waits differ:
 
-- the routing and key tables are read from the process caches without a database call;
-  when an entry is half a TTL old it is re-read in a background thread (so a change is seen
-  within the TTL), and a never-seen endpoint or key is looked up in a thread while the loop
-  serves others;
+- the routing and key tables are read from the process caches without a database call
+  while their entry is within the TTL (the process's refresher thread, started at lifespan
+  startup, re-reads them twice per TTL); a never-seen entry, or one past its TTL, is never
+  used: it is read again in a thread while the loop serves others (503 if the database fails);
 - a version that is not loaded yet is loaded in a thread;
 - rows are scored by :class:`rollouts.serving.batching.LoopBatcher` in the loop;
 - prediction-log rows go to the in-process buffer (its writer thread inserts them); with
@@ -35,7 +35,7 @@ from django.db import close_old_connections
 
 from rollouts.serving import invocation as inv
 from rollouts.serving.logbuffer import log_buffer
-from rollouts.serving.runtime import keys, loop_batcher, model_cache, router
+from rollouts.serving.runtime import keys, loop_batcher, model_cache, refresher, router
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ Blocking = Callable[..., Awaitable[Any]]
 
 
 class _NeedsLookup(Exception):
-    """A table entry this process has never loaded: look it up in a thread."""
+    """A table entry this process has never loaded, or one past its TTL: look it up in a
+    thread (never answer from it)."""
 
 
 _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="rollgate-lookup")
@@ -63,15 +64,14 @@ async def run_in_pool(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 class _CachedLookups(inv.Lookups):
-    def __init__(self, app: ServingApp) -> None:
-        self.app = app
+    """Lookups that never touch the database: an entry that is missing or past its TTL raises
+    :class:`_NeedsLookup`, and the request is admitted again in a thread with blocking ones."""
 
     def routes(self, endpoint: str):
         seen = router.peek(endpoint)
-        if seen is None:
+        if seen is None or seen[1] >= settings.SERVING_ROUTE_TTL_S:
             raise _NeedsLookup
-        routes, age = seen
-        self.app.refresh_if_due(router.get, endpoint, age)
+        routes = seen[0]
         for route in routes.routes if routes else ():
             if model_cache.peek(route.model_name, route.version) is None:
                 raise _NeedsLookup  # loaded (or its failure reported) in a thread
@@ -79,11 +79,9 @@ class _CachedLookups(inv.Lookups):
 
     def key(self, key_hash: str):
         seen = keys.peek(key_hash)
-        if seen is None:
+        if seen is None or seen[1] >= settings.SERVING_ROUTE_TTL_S:
             raise _NeedsLookup
-        grant, age = seen
-        self.app.refresh_if_due(keys.get, key_hash, age)
-        return grant
+        return seen[0]
 
 
 class ServingApp:
@@ -92,8 +90,7 @@ class ServingApp:
     def __init__(self, django_app: Any, run_blocking: Blocking = run_in_pool) -> None:
         self.django_app = django_app
         self.run_blocking = run_blocking
-        self.lookups = _CachedLookups(self)
-        self._refreshing: set[tuple[str, str]] = set()
+        self.lookups = _CachedLookups()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "http":
@@ -108,25 +105,6 @@ class ServingApp:
             await self._lifespan(receive, send)
             return
         await self.django_app(scope, receive, send)
-
-    def refresh_if_due(self, get: Callable[..., Any], name: str, age: float) -> None:
-        """Re-read a routing or key entry in the background once it is half a TTL old, so
-        requests never wait for the database and a change is seen within the TTL."""
-        half = settings.SERVING_ROUTE_TTL_S / 2
-        token = (get.__qualname__, name)
-        if age < half or token in self._refreshing:
-            return
-        self._refreshing.add(token)
-
-        async def refresh() -> None:
-            try:
-                await self.run_blocking(get, name, half)
-            except Exception:  # noqa: BLE001 - the old entry serves until the next try
-                logger.exception("refreshing %s failed", token)
-            finally:
-                self._refreshing.discard(token)
-
-        asyncio.get_running_loop().create_task(refresh())
 
     async def invocations(self, scope: dict, receive: Callable, send: Callable, endpoint: str):
         trace = inv.Trace()
@@ -205,10 +183,12 @@ class ServingApp:
     @staticmethod
     async def _lifespan(receive: Callable, send: Callable) -> None:
         # Models are warmed by gunicorn's post_worker_init and the log is flushed by its
-        # worker_exit (portal/gunicorn_conf.py); the protocol only needs its answers.
+        # worker_exit (portal/gunicorn_conf.py). The refresher thread starts here too (a no-op
+        # when post_worker_init started it), so that a server without gunicorn has one.
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                refresher.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})

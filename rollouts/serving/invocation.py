@@ -39,7 +39,13 @@ from rollouts.models import PredictionLog, ServingError
 from rollouts.services import api_key_hash
 from rollouts.serving.batching import positive_class_scorer
 from rollouts.serving.metrics import observe
-from rollouts.serving.runtime import EndpointRoutes, KeyGrant, Route, model_cache
+from rollouts.serving.runtime import (
+    EndpointRoutes,
+    KeyGrant,
+    LookupUnavailable,
+    Route,
+    model_cache,
+)
 from rollouts.serving.schema import InputError, ParsedInput, column_specs, parse_request
 
 logger = logging.getLogger(__name__)
@@ -104,8 +110,9 @@ class Admitted:
 
 
 class Lookups:
-    """Where :func:`admit` reads the routing and key tables (the process caches, which go to
-    the database once their entry is older than the TTL)."""
+    """Where :func:`admit` reads the routing and key tables (the process caches, which read the
+    database again once their entry is older than the TTL, and raise
+    :class:`~rollouts.serving.runtime.LookupUnavailable` when that read fails)."""
 
     def routes(self, endpoint: str) -> EndpointRoutes | None:
         from rollouts.serving.runtime import router
@@ -163,9 +170,28 @@ def _inference_id(raw: str) -> str | None:
     return value
 
 
+def unavailable(trace: Trace) -> Answer:
+    """503: the routing or key table is past its TTL and the database cannot be read now."""
+    return error(
+        503,
+        "TEMPORARILY_UNAVAILABLE",
+        "Serving cannot check its routing or API keys right now; retry shortly.",
+        trace,
+        [("Retry-After", "1")],
+    )
+
+
 def admit(meta: Meta, trace: Trace, lookups: Lookups = BLOCKING) -> Admitted | Answer:
     """Everything decided before the body is read. ``lookups`` may raise (the ASGI path's
-    cache-only lookups do, to be retried in a thread) only before the rate limit counts."""
+    cache-only lookups do, to be retried in a thread) only before the rate limit counts; a
+    table that cannot be read fresh is a 503, never an answer from the old entry."""
+    try:
+        return _admit(meta, trace, lookups)
+    except LookupUnavailable:
+        return unavailable(trace)
+
+
+def _admit(meta: Meta, trace: Trace, lookups: Lookups) -> Admitted | Answer:
     if meta.method != "POST":
         return error(405, "METHOD_NOT_ALLOWED", "Use POST.", trace, [("Allow", "POST")])
     routes = lookups.routes(meta.endpoint)

@@ -19,7 +19,12 @@ from django.views.decorators.csrf import csrf_exempt
 from rollouts.serving import invocation as inv
 from rollouts.serving.logbuffer import log_buffer
 from rollouts.serving.metrics import exposition
-from rollouts.serving.runtime import batcher, model_cache, router  # noqa: F401 - tests patch it
+from rollouts.serving.runtime import (  # noqa: F401 - tests patch them
+    LookupUnavailable,
+    batcher,
+    model_cache,
+    router,
+)
 
 
 def _response(answer: inv.Answer) -> HttpResponse:
@@ -83,8 +88,14 @@ def metrics(request: HttpRequest) -> HttpResponse:
 
 
 def ping(request: HttpRequest, endpoint: str) -> HttpResponse:
-    """200 once the endpoint has a live version, 503 before, 404 for an unknown endpoint."""
-    routes = router.get(endpoint)
+    """200 once the endpoint has a live version, 503 before (or while the routing table
+    cannot be read fresh), 404 for an unknown endpoint."""
+    try:
+        routes = router.get(endpoint)
+    except LookupUnavailable:
+        return JsonResponse(
+            {"status": "unavailable", "message": "routing cannot be read right now"}, status=503
+        )
     if routes is None:
         return JsonResponse(
             {
