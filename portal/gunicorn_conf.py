@@ -18,13 +18,33 @@ bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 
 
+# Request-head limits (bytes; fields is a count). gunicorn's own settings, which its uvicorn
+# worker ignores, are applied by RollgateWorker through portal/http_limits.py, plus a bound on
+# the whole head: a longer line gets 414, more or longer headers 431.
+limit_request_line = int(os.environ.get("GUNICORN_LIMIT_REQUEST_LINE", "8190"))
+limit_request_fields = int(os.environ.get("GUNICORN_LIMIT_REQUEST_FIELDS", "100"))
+limit_request_field_size = int(os.environ.get("GUNICORN_LIMIT_REQUEST_FIELD_SIZE", "8190"))
+LIMIT_REQUEST_HEAD = int(os.environ.get("GUNICORN_LIMIT_REQUEST_HEAD", str(64 * 1024)))
+
+
 class RollgateWorker(UvicornWorker):
     """uvicorn's gunicorn worker, with its access log following gunicorn's ``accesslog``
-    (uvicorn would otherwise format a line per request for a logger with no handler)."""
+    (uvicorn would otherwise format a line per request for a logger with no handler) and
+    gunicorn's request-head limits applied to uvicorn's parser."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.config.access_log = bool(self.cfg.accesslog)
+        from portal.http_limits import HeadLimits, LimitedHttpToolsProtocol
+
+        self.config.head_limits = HeadLimits(
+            line=self.cfg.limit_request_line or 2**31,  # 0: unlimited, as in gunicorn
+            fields=self.cfg.limit_request_fields or 2**31,
+            field_size=self.cfg.limit_request_field_size or 2**31,
+            total=LIMIT_REQUEST_HEAD,
+        )
+        self.config.http = LimitedHttpToolsProtocol
+        self.config.h11_max_incomplete_event_size = LIMIT_REQUEST_HEAD  # if h11 is ever used
 
 
 worker_class = RollgateWorker

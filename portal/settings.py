@@ -237,3 +237,11 @@ LOGGING = {
         "mlflow": {"level": "WARNING"},
     },
 }
+
+# --- inputs (issue 9) ---
+# Serving bodies: the deepest nesting of arrays and objects a JSON body may have (checked
+# before it is parsed; MLflow's formats need 4), and how many bytes past an early answer
+# (413, 401, ...) are read and discarded so that a client writing its whole body first still
+# gets the answer; a body with more left is answered and its connection closed.
+SERVING_JSON_MAX_DEPTH = env.int("SERVING_JSON_MAX_DEPTH", default=64)
+SERVING_DRAIN_MAX_BYTES = env.int("SERVING_DRAIN_MAX_BYTES", default=16 * 1024 * 1024)

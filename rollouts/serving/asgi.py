@@ -121,19 +121,35 @@ class ServingApp:
             content_length=headers.get("content-length", ""),
             inference_id=headers.get("x-inference-id", ""),
         )
+        body = _Body(receive)
         try:
-            answer = await self._invocations(meta, receive, trace)
+            answer = await self._invocations(meta, body, trace)
         except ConnectionAbortedError:
             return  # nobody to answer; nothing was scored
-        except Exception:  # noqa: BLE001 - answered like Django's 500, never a reset connection
-            logger.exception("scoring request %s failed", trace.request_id)
-            answer = inv.error(500, "INTERNAL_ERROR", "Internal server error.", trace)
+        except Exception as exc:  # noqa: BLE001 - answered like Django's 500, never a reset
+            answer = inv.internal_error(exc, trace)
+        # An answer given before the whole body was read (413, 401, ...) must still reach a
+        # client that writes all of its body before reading (urllib, many SDKs): closing with
+        # unread data makes the kernel reset the connection, and that client sees a broken
+        # pipe instead of the answer. So the rest is read and discarded, up to a bound.
+        gone = False
+        try:
+            if not body.complete and not await body.drain(
+                settings.SERVING_DRAIN_MAX_BYTES,
+                declared=meta.content_length,
+                expect_continue=_expects_continue(headers),
+            ):
+                answer.headers.append(("Connection", "close"))
+        except ConnectionAbortedError:
+            gone = True  # counted and logged below, but there is no one to answer
         inv.finish(meta, answer, trace)
         for rows in inv.split_rows(trace.rows):
             if settings.SERVING_LOG_BUFFERED:
                 log_buffer.append(rows)
             else:
                 await self.run_blocking(log_buffer.append, rows)
+        if gone:
+            return
         response_headers = [
             (b"content-type", inv.JSON_TYPE.encode()),
             (b"content-length", str(len(answer.body)).encode()),
@@ -145,7 +161,7 @@ class ServingApp:
         )
         await send({"type": "http.response.body", "body": answer.body})
 
-    async def _invocations(self, meta: inv.Meta, receive: Callable, trace: inv.Trace):
+    async def _invocations(self, meta: inv.Meta, body: _Body, trace: inv.Trace):
         try:
             admitted = inv.admit(meta, trace, self.lookups)
         except _NeedsLookup:
@@ -160,8 +176,7 @@ class ServingApp:
             return failed
         withdraw = loop_batcher.announce(route.model_name, route.version)
         try:
-            body = await _read_body(receive, admitted.limit + 1)
-            parsed = inv.parse(admitted, body, meta.content_type, trace)
+            parsed = inv.parse(admitted, await body.read(admitted.limit + 1), meta.content_type, trace)
         finally:
             withdraw()
         if isinstance(parsed, inv.Answer):
@@ -195,17 +210,65 @@ class ServingApp:
                 return
 
 
-async def _read_body(receive: Callable, at_most: int) -> bytes:
-    """The request body, or its first ``at_most`` bytes when it is longer (the caller answers
-    413 then: a lying or missing Content-Length is still cut off)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
+def _expects_continue(headers: dict[str, str]) -> bool:
+    return headers.get("expect", "").strip().lower() == "100-continue"
+
+
+class _Body:
+    """The request body as ASGI ``receive`` gives it, read at most once.
+
+    ``complete`` is True once the last chunk has been received."""
+
+    def __init__(self, receive: Callable) -> None:
+        self.receive = receive
+        self.started = False
+        self.complete = False
+        self.received = 0  # bytes
+
+    async def _chunk(self) -> bytes:
+        self.started = True
+        message = await self.receive()
         if message["type"] == "http.disconnect":
             raise ConnectionAbortedError("the client went away")
+        if not message.get("more_body"):
+            self.complete = True
         chunk = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
-        if size >= at_most or not message.get("more_body"):
-            return b"".join(chunks)[:at_most]
+        self.received += len(chunk)
+        return chunk
+
+    async def read(self, at_most: int) -> bytes:
+        """The body, or its first ``at_most`` bytes when it is longer (the caller answers
+        413 then: a lying or missing Content-Length is still cut off)."""
+        chunks: list[bytes] = []
+        size = 0
+        while not self.complete and size < at_most:
+            chunk = await self._chunk()
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)[:at_most]
+
+    async def drain(
+        self, bound: int, *, declared: str = "", expect_continue: bool = False
+    ) -> bool:
+        """Read and discard the rest of the body, at most ``bound`` more bytes: True when it
+        was read to its end (the connection may be kept), False when the caller should
+        answer and close. Nothing is read when the ``declared`` Content-Length already says
+        the rest is over the bound, or when the client waits for ``100 Continue`` (it has sent
+        nothing yet and is answered without being asked for its body).
+
+        Raises:
+            ConnectionAbortedError: the client went away meanwhile.
+        """
+        if expect_continue and not self.started:
+            return False
+        try:
+            if int(declared) - self.received > bound:
+                return False
+        except ValueError:
+            pass  # chunked, or no usable length: read up to the bound
+        drained = 0
+        while not self.complete:
+            if drained > bound:
+                return False
+            drained += len(await self._chunk())
+        return True

@@ -275,7 +275,9 @@ def parse(admitted: Admitted, body: bytes, content_type: str, trace: Trace) -> P
         return too_large(admitted.limit, trace)
     signature = admitted.route.signature
     try:
-        return parse_request(body, content_type, signature)
+        return parse_request(
+            body, content_type, signature, max_depth=settings.SERVING_JSON_MAX_DEPTH
+        )
     except InputError as exc:
         answer = error(exc.status, exc.error_code, exc.message, trace, admitted.model_headers)
         if settings.SERVING_DEBUG_ERRORS and signature:
@@ -290,11 +292,32 @@ def parse(admitted: Admitted, body: bytes, content_type: str, trace: Trace) -> P
 
 
 def model_error(admitted: Admitted, exc: Exception, trace: Trace) -> Answer:
-    """The model rejected input that passed the signature checks: 422."""
+    """The model rejected input that passed the signature checks: 422.
+
+    The model's exception text often quotes the client's data or the model's internals
+    (``could not convert string to float: '...'``), so it goes to the server log only, under
+    the request id; the client gets a fixed message naming that id (``X-Request-Id`` too)."""
     route = admitted.route
-    logger.info("predict failed on %s v%s: %s", route.model_name, route.version, exc)
-    message = f"The model could not score this input: {type(exc).__name__}: {str(exc)[:300]}"
+    logger.warning(
+        "predict failed on %s v%s, request %s",
+        route.model_name,
+        route.version,
+        trace.request_id,
+        exc_info=exc,
+    )
+    message = (
+        "The model could not score this input. Check the values against the model's "
+        f"signature; quote error id {trace.request_id} to its owners for the details."
+    )
     return error(422, "MODEL_ERROR", message, trace, admitted.model_headers)
+
+
+def internal_error(exc: BaseException, trace: Trace) -> Answer:
+    """An unexpected failure on the serving path: 500 with a fixed message and the request id
+    as error id; the exception and its traceback go to the server log under that id."""
+    logger.error("scoring request %s failed", trace.request_id, exc_info=exc)
+    message = f"Internal server error; quote error id {trace.request_id}."
+    return error(500, "INTERNAL_ERROR", message, trace)
 
 
 def scored(

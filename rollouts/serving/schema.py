@@ -15,6 +15,8 @@ import csv
 import io
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,22 @@ import pandas as pd
 
 FORMAT_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 PARAMS_KEY = "params"
+JSON_MAX_DEPTH = 64  # the default of settings.SERVING_JSON_MAX_DEPTH
+
+# The objects that JSON's ``Infinity`` / ``-Infinity`` literals (and CSV's ``inf`` cells) parse
+# to. An infinity that is not one of these came from a finite literal too large for a double
+# (``1e400``, an integer of 310 digits): that is refused, a written infinity is not.
+_INF = float("inf")
+_NEG_INF = float("-inf")
+_JSON_CONSTANTS = {"Infinity": _INF, "-Infinity": _NEG_INF, "NaN": math.nan}
+_TEXT_INFINITIES = {"inf": _INF, "+inf": _INF, "infinity": _INF, "+infinity": _INF}
+_TEXT_INFINITIES |= {"-inf": _NEG_INF, "-infinity": _NEG_INF}
+_INT_MAX_DIGITS = sys.get_int_max_str_digits() or 4300
+_INTEGER_TEXT = re.compile(r"\s*[+-]?[0-9_]+\s*")
+# A JSON string (possessive, so an unterminated one cannot backtrack), and anything that is
+# neither a string nor a bracket: what the depth check strips before counting brackets.
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"')
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]++")
 
 
 class InputError(Exception):
@@ -39,6 +57,20 @@ class InputError(Exception):
 class UnsupportedMediaType(InputError):
     status = 415
     error_code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class TooLarge:
+    """A numeric literal past what a double holds: an integer of more digits than Python
+    converts (``sys.get_int_max_str_digits``), or a finite literal that overflows to infinity.
+    Refused by :func:`_convert` for every column type, naming the column."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "TooLarge()"
+
+
+TOO_LARGE = TooLarge()
 
 
 @dataclass(frozen=True)
@@ -100,12 +132,22 @@ def parse_content_type(content_type: str) -> str:
     return media_type
 
 
-def parse_request(body: bytes, content_type: str, signature: dict[str, Any] | None) -> ParsedInput:
+def parse_request(
+    body: bytes,
+    content_type: str,
+    signature: dict[str, Any] | None,
+    *,
+    max_depth: int = JSON_MAX_DEPTH,
+) -> ParsedInput:
     """Turn a scoring request into a typed DataFrame (and params) that the model can score.
+
+    ``max_depth`` bounds the nesting of a JSON body (arrays and objects, the outer object
+    counting 1); it is checked before the body is parsed.
 
     Raises:
         UnsupportedMediaType: unknown content type or charset (415).
-        InputError: malformed body, wrong columns or types, or no rows (400).
+        InputError: malformed body, nested deeper than ``max_depth``, wrong columns or types,
+            a number too large for its column, or no rows (400).
     """
     media_type = parse_content_type(content_type)
     try:
@@ -119,34 +161,85 @@ def parse_request(body: bytes, content_type: str, signature: dict[str, Any] | No
         params = None
         from_text = True
     else:
-        payload = _read_json(text)
+        payload = _read_json(text, max_depth)
         records, params = _records_from_json(payload, specs)
         from_text = False
     if not records:
         raise InputError("The input has no rows.")
     params = _check_params(params, signature)
     if specs is None:
+        if not from_text:
+            _refuse_too_large(records, "a value")
         frame = pd.DataFrame.from_records(records)
-        return ParsedInput({c: frame[c].to_numpy() for c in frame.columns}, params, records)
-    columns, typed_records = _typed_columns(records, specs, from_text=from_text)
-    return ParsedInput(columns, params, typed_records)
+        parsed = ParsedInput({c: frame[c].to_numpy() for c in frame.columns}, params, records)
+    else:
+        columns, typed_records = _typed_columns(records, specs, from_text=from_text)
+        parsed = ParsedInput(columns, params, typed_records)
+    _refuse_too_large(params, "a param")
+    return parsed
 
 
-def _read_json(text: str) -> dict[str, Any]:
+def json_depth(text: str) -> int:
+    """How deeply the arrays and objects of a JSON text nest (0 for a scalar), counted
+    without parsing and without recursion: strings are stripped, then the brackets left are
+    summed (+1 opening, -1 closing) and the running maximum taken. Linear in the text; on a
+    malformed text the figure is approximate, and the parser reports the text."""
+    brackets = _NOT_BRACKETS.sub("", _JSON_STRING.sub("", text))
+    if not brackets:
+        return 0
+    codes = np.frombuffer(brackets.encode("ascii"), dtype=np.uint8)
+    steps = np.where((codes == ord("[")) | (codes == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def _read_json(text: str, max_depth: int = JSON_MAX_DEPTH) -> dict[str, Any]:
     if not text.strip():
         raise InputError('The body is empty; send a JSON object such as {"dataframe_split": ...}.')
+    if (depth := json_depth(text)) > max_depth:
+        raise InputError(
+            f"The body nests arrays and objects {depth} levels deep; at most {max_depth} are "
+            "accepted."
+        )
     try:
-        payload = json.loads(text)
+        payload = json.loads(text, parse_constant=_JSON_CONSTANTS.__getitem__)
     except json.JSONDecodeError as exc:
         raise InputError(
             f"The body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}."
         ) from None
+    except ValueError:
+        # An integer literal longer than Python converts (a guard against quadratic-time
+        # conversion): parse again, keeping such literals as TOO_LARGE for the column checks.
+        payload = json.loads(
+            text, parse_constant=_JSON_CONSTANTS.__getitem__, parse_int=_int_or_too_large
+        )
+    except RecursionError:  # a safety net below the depth check's bound
+        raise InputError("The body nests arrays and objects too deeply.") from None
     if not isinstance(payload, dict):
         raise InputError(
             f"The body must be a JSON object with one of the fields {', '.join(FORMAT_KEYS)}; "
             f"got a JSON {type(payload).__name__}."
         )
     return payload
+
+
+def _int_or_too_large(literal: str) -> int | TooLarge:
+    return int(literal) if len(literal.lstrip("-")) <= _INT_MAX_DIGITS else TOO_LARGE
+
+
+def _refuse_too_large(value: Any, what: str) -> None:
+    """Refuse a number too large for a double left where no column type checks it (the rows
+    of a model without a column signature, the params)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, TooLarge) or (
+            isinstance(item, float) and math.isinf(item) and item is not _INF and item is not _NEG_INF
+        ):
+            raise InputError(f"The body has {what} that is a number too large for a double.")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _read_csv(text: str) -> tuple[list[str], list[list[str]]]:
@@ -292,10 +385,20 @@ def _convert(value: Any, spec: ColumnSpec, row: int, from_text: bool) -> Any:
         if kind in ("double", "float"):
             return math.nan  # a missing float is NaN, as in pandas and MLflow
         raise InputError(f"{where}: null is not allowed in a {kind} column.")
+    if isinstance(value, TooLarge) or (
+        isinstance(value, float) and math.isinf(value) and value is not _INF and value is not _NEG_INF
+    ):
+        raise InputError(f"{where}: the number is too large for a {kind} column.")
     if kind in ("double", "float"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InputError(f"{where}: expected a number, got {_json_type(value)}.")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of 310 digits or more
+            raise InputError(f"{where}: the number is too large for a {kind} column.") from None
+        if kind == "float" and math.isfinite(number) and abs(number) > _FLOAT32_MAX:
+            raise InputError(f"{where}: the number is too large for a float column.")
+        return number
     if kind in ("long", "integer"):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -317,12 +420,19 @@ def _convert(value: Any, spec: ColumnSpec, row: int, from_text: bool) -> Any:
 
 
 _TEXT_BOOLEANS = {"true": True, "false": False}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _from_text(text: str, kind: str) -> Any:
-    """A CSV cell typed like its JSON counterpart; an empty cell is null."""
+    """A CSV cell typed like its JSON counterpart; an empty cell is null; a written infinity
+    (``inf``, ``-Infinity``) is one, a finite number too large for a double is TOO_LARGE."""
     if text == "" and kind != "string":
         return None
+    if kind in ("double", "float", "long", "integer"):
+        if (infinity := _TEXT_INFINITIES.get(text.strip().lower())) is not None:
+            return infinity
+        if _INTEGER_TEXT.fullmatch(text) and len(text.strip().lstrip("+-")) > _INT_MAX_DIGITS:
+            return TOO_LARGE
     try:
         if kind in ("double", "float"):
             return float(text)
@@ -341,7 +451,7 @@ def _from_text(text: str, kind: str) -> Any:
 def _json_type(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, int | float):
+    if isinstance(value, int | float | TooLarge):
         return "a number"
     if isinstance(value, str):
         return "a string"

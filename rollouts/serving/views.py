@@ -13,6 +13,7 @@ the error rates that monitoring shows.
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -45,11 +46,27 @@ def invocations(request: HttpRequest, endpoint: str) -> HttpResponse:
         content_length=request.META.get("CONTENT_LENGTH") or "",
         inference_id=request.headers.get("X-Inference-Id", ""),
     )
-    answer = _invocations(request, meta, trace)
+    try:
+        answer = _invocations(request, meta, trace)
+    except Exception as exc:  # noqa: BLE001 - a JSON 500 with an error id, as the ASGI path
+        answer = inv.internal_error(exc, trace)
+    _drain(request, settings.SERVING_DRAIN_MAX_BYTES)
     inv.finish(meta, answer, trace)
     for rows in inv.split_rows(trace.rows):
         log_buffer.append(rows)
     return _response(answer)
+
+
+def _drain(request: HttpRequest, bound: int) -> None:
+    """Read and discard what is left of the body, at most ``bound`` bytes, so that an answer
+    given before the body was read (413, 401, ...) reaches a client that writes its whole
+    body first; the WSGI server closes a connection left with more (see the ASGI path)."""
+    drained = 0
+    try:
+        while drained <= bound and (chunk := request.read(64 * 1024)):
+            drained += len(chunk)
+    except OSError:  # the client went away; the answer is lost either way
+        pass
 
 
 def _invocations(request: HttpRequest, meta: inv.Meta, trace: inv.Trace) -> inv.Answer:

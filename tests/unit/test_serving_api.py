@@ -458,11 +458,16 @@ def test_an_overlong_inference_id_is_400_naming_the_header(client, live, rows):
     _assert_rejected(response, 400, "INVALID_PARAMETER_VALUE", "X-Inference-Id", "128")
 
 
-def test_model_error_is_422_and_not_logged(client, live, rows):
-    """A null double passes the signature (it is NaN) but logistic regression refuses NaN."""
+def test_model_error_is_422_and_not_logged(client, live, rows, caplog):
+    """A null double passes the signature (it is NaN) but logistic regression refuses NaN.
+    The model's own message goes to the server log under the request id, not to the client."""
     response = _post(client, live, _with_cell(rows, "mean area", None))
 
-    _assert_rejected(response, 422, "MODEL_ERROR", "could not score this input", "NaN")
+    request_id = response["X-Request-Id"]
+    _assert_rejected(response, 422, "MODEL_ERROR", "could not score this input", request_id)
+    assert "NaN" not in response.json()["message"]
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and "contains NaN" in str(logged[0].exc_info[1])
 
 
 # --- body size ---------------------------------------------------------------------------------
