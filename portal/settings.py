@@ -237,3 +237,10 @@ LOGGING = {
         "mlflow": {"level": "WARNING"},
     },
 }
+
+# --- shutdown (issue 9) ---
+# A stopping serving process writes its buffered prediction log for at most this many seconds
+# (rollouts.serving.logbuffer.LogBuffer.drain); gunicorn's graceful_timeout leaves room for it.
+SERVING_LOG_DRAIN_S = env.float("SERVING_LOG_DRAIN_S", default=10.0)
+# A prediction-log row whose insert failed this many times is dropped and logged as lost.
+SERVING_LOG_MAX_ATTEMPTS = env.int("SERVING_LOG_MAX_ATTEMPTS", default=5)
