@@ -10,8 +10,15 @@ sync views run in a worker thread). Each worker keeps its own model cache and ro
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import signal
+import sys
+import threading
 
+from gunicorn.arbiter import Arbiter
+from uvicorn.server import HANDLED_SIGNALS, Server
 from uvicorn_worker import UvicornWorker
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
@@ -27,10 +34,45 @@ limit_request_field_size = int(os.environ.get("GUNICORN_LIMIT_REQUEST_FIELD_SIZE
 LIMIT_REQUEST_HEAD = int(os.environ.get("GUNICORN_LIMIT_REQUEST_HEAD", str(64 * 1024)))
 
 
+class RollgateServer(Server):
+    """uvicorn's server, ending the way a gunicorn worker should (issue 9).
+
+    - After its graceful shutdown (every request answered, lifespan shutdown sent), it drains
+      the prediction log again: a forced exit (a second Ctrl-C) skips the lifespan, and an app
+      without lifespan support never sees it.
+    - It does not re-raise the stop signal it caught: uvicorn does so to die by that signal,
+      which skips gunicorn's ``worker_exit`` hook (the drain, ``mark_process_dead``) and every
+      ``atexit`` handler. The worker returns instead, gunicorn exits it with status 0, as its
+      own workers do after a graceful stop.
+    """
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets=sockets)
+        from rollouts.serving.logbuffer import drain_at_shutdown
+
+        await asyncio.to_thread(drain_at_shutdown, "server shutdown")
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn's own, less the re-raise of the caught signals at the end.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
 class RollgateWorker(UvicornWorker):
     """uvicorn's gunicorn worker, with its access log following gunicorn's ``accesslog``
-    (uvicorn would otherwise format a line per request for a logger with no handler) and
-    gunicorn's request-head limits applied to uvicorn's parser."""
+    (uvicorn would otherwise format a line per request for a logger with no handler),
+    gunicorn's request-head limits applied to uvicorn's parser, the
+    :class:`RollgateServer` above, and a graceful shutdown bounded so that the drain of the
+    prediction log still fits in gunicorn's ``graceful_timeout`` (after which the master
+    SIGKILLs the worker)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -45,11 +87,22 @@ class RollgateWorker(UvicornWorker):
         )
         self.config.http = LimitedHttpToolsProtocol
         self.config.h11_max_incomplete_event_size = LIMIT_REQUEST_HEAD  # if h11 is ever used
+        drain_s = float(os.environ.get("SERVING_LOG_DRAIN_S", "10"))
+        self.config.timeout_graceful_shutdown = max(self.cfg.graceful_timeout - drain_s - 2, 1)
+
+    async def _serve(self) -> None:
+        self.config.app = self.wsgi
+        server = RollgateServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
 
 worker_class = RollgateWorker
 timeout = 60
-graceful_timeout = 20
+# Answering the requests in flight, then draining the prediction log (SERVING_LOG_DRAIN_S).
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "25"))
 keepalive = 5
 accesslog = os.environ.get("GUNICORN_ACCESSLOG", "-") or None  # empty: no access log
 errorlog = "-"
@@ -103,11 +156,19 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    """Graceful stop of a worker: write the prediction rows still buffered, drop its metrics."""
+    """Any end of a worker that gunicorn sees (graceful stop, SIGQUIT, WSGI workers): write the
+    prediction rows still buffered (bounded by ``SERVING_LOG_DRAIN_S``), drop its metrics."""
     from prometheus_client import multiprocess
 
-    from rollouts.serving.logbuffer import log_buffer
+    from rollouts.serving.logbuffer import drain_at_shutdown, log_buffer
 
-    written = log_buffer.flush()
-    server.log.info("worker %s flushed %s prediction log rows", worker.pid, written)
-    multiprocess.mark_process_dead(worker.pid)
+    try:
+        written = drain_at_shutdown("worker exit")
+        server.log.info(
+            "worker %s drained %s prediction log rows (%s lost)",
+            worker.pid,
+            written,
+            log_buffer.lost,
+        )
+    finally:
+        multiprocess.mark_process_dead(worker.pid)

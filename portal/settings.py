@@ -245,3 +245,9 @@ LOGGING = {
 # gets the answer; a body with more left is answered and its connection closed.
 SERVING_JSON_MAX_DEPTH = env.int("SERVING_JSON_MAX_DEPTH", default=64)
 SERVING_DRAIN_MAX_BYTES = env.int("SERVING_DRAIN_MAX_BYTES", default=16 * 1024 * 1024)
+# --- shutdown (issue 9) ---
+# A stopping serving process writes its buffered prediction log for at most this many seconds
+# (rollouts.serving.logbuffer.LogBuffer.drain); gunicorn's graceful_timeout leaves room for it.
+SERVING_LOG_DRAIN_S = env.float("SERVING_LOG_DRAIN_S", default=10.0)
+# A prediction-log row whose insert failed this many times is dropped and logged as lost.
+SERVING_LOG_MAX_ATTEMPTS = env.int("SERVING_LOG_MAX_ATTEMPTS", default=5)

@@ -34,7 +34,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from rollouts.serving import invocation as inv
-from rollouts.serving.logbuffer import log_buffer
+from rollouts.serving.logbuffer import drain_at_shutdown, log_buffer
 from rollouts.serving.runtime import keys, loop_batcher, model_cache, refresher, router
 
 logger = logging.getLogger(__name__)
@@ -197,15 +197,22 @@ class ServingApp:
 
     @staticmethod
     async def _lifespan(receive: Callable, send: Callable) -> None:
-        # Models are warmed by gunicorn's post_worker_init and the log is flushed by its
-        # worker_exit (portal/gunicorn_conf.py). The refresher thread starts here too (a no-op
-        # when post_worker_init started it), so that a server without gunicorn has one.
+        """Models are warmed by gunicorn's post_worker_init (portal/gunicorn_conf.py); the
+        refresher thread starts here too (a no-op when post_worker_init started it), so that a
+        server without gunicorn has one. At shutdown, once the server has answered its last
+        request, the buffered prediction log is drained (in a thread: the ORM refuses the event
+        loop): under uvicorn the process may end by its re-raised signal, where no exit hook
+        runs (issue 9)."""
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 refresher.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                try:
+                    await asyncio.to_thread(drain_at_shutdown, "lifespan shutdown")
+                except Exception:  # noqa: BLE001 - the server must still finish shutting down
+                    logger.exception("draining the prediction log at shutdown failed")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
