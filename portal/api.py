@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.shortcuts import get_object_or_404
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers, status
 from rest_framework.exceptions import ValidationError as DrfValidationError
 from rest_framework.pagination import LimitOffsetPagination
@@ -23,6 +23,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from portal import selectors, services, views
 from portal.errors import Conflict, ServiceUnavailable
 from portal.models import AuditEvent, Team
+from portal.queries import AuditFilterQuery, AuditPageQuery, BadQuery, validated_query
 from portal.roles import is_platform_admin, user_roles
 
 
@@ -149,15 +150,6 @@ class TeamMemberApi(ApiView):
 
 # --- Audit trail ------------------------------------------------------------------------------
 
-AUDIT_FILTERS = [
-    OpenApiParameter("model", str, description="registered model name"),
-    OpenApiParameter("environment", str, description="environment name"),
-    OpenApiParameter("actor", str, description="username, or 'system'"),
-    OpenApiParameter("action", str, description="e.g. request.approved"),
-    OpenApiParameter("since", OpenApiTypes.DATE, description="first day, inclusive"),
-    OpenApiParameter("until", OpenApiTypes.DATE, description="last day, inclusive"),
-]
-
 
 class AuditEventOut(serializers.ModelSerializer):
     actor = serializers.CharField(source="actor_label")
@@ -201,20 +193,17 @@ class AuditListApi(ApiView):
 
     @extend_schema(
         operation_id="audit_list",
-        parameters=[
-            *AUDIT_FILTERS,
-            OpenApiParameter("limit", int, description="events per page (default 50, max 1000)"),
-            OpenApiParameter("offset", int, description="events to skip"),
-        ],
+        parameters=[AuditPageQuery],
         responses=OutputSerializer,
     )
     def get(self, request: Request) -> Response:
-        filters = selectors.AuditFilters.from_query(request.query_params)
         try:
+            validated_query(AuditPageQuery, request.query_params)  # paging limits too
+            filters = selectors.AuditFilters.from_query(request.query_params)
             events = selectors.audit_events_filtered(request.user, filters)
             paginator = AuditPagination()
             page = paginator.paginate_queryset(events, request, view=self)
-        except selectors.BadFilter as exc:
+        except (selectors.BadFilter, BadQuery) as exc:
             raise DrfValidationError({"detail": str(exc)}) from exc
         return paginator.get_paginated_response(AuditEventOut(page, many=True).data)
 
@@ -241,7 +230,7 @@ class AuditCsvApi(ApiView):
 
     @extend_schema(
         operation_id="audit_csv",
-        parameters=AUDIT_FILTERS,
+        parameters=[AuditFilterQuery],
         responses={
             (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="one row per event")
         },

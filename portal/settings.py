@@ -237,3 +237,14 @@ LOGGING = {
         "mlflow": {"level": "WARNING"},
     },
 }
+
+# --- api (issue 9) ---
+# Deepest JSON (arrays and objects) any API route or the MLflow webhook accepts; deeper is a 400.
+API_JSON_MAX_DEPTH = env.int("API_JSON_MAX_DEPTH", default=64)
+REST_FRAMEWORK["DEFAULT_PARSER_CLASSES"] = [
+    "portal.parsers.BoundedJSONParser",
+    "portal.parsers.NulFreeFormParser",
+    "portal.parsers.NulFreeMultiPartParser",
+]
+# Last, so that its process_view sees the signed-in user (for the 400 page) after the CSRF check.
+MIDDLEWARE.append("portal.middleware.RejectNulMiddleware")
