@@ -49,10 +49,49 @@ def exception_handler(exc, context):
     return drf_exception_handler(exc, context)
 
 
+class ErrorOut(serializers.Serializer):
+    """The body of every 4xx and 5xx answer: ``{"detail": "..."}``, or for a body that fails
+    validation one entry per field, ``{"<field>": ["message", ...]}``."""
+
+    detail = serializers.CharField(required=False, help_text="what was wrong")
+
+
+#: The error statuses an operation may answer, and when (see :meth:`ApiSchema.error_statuses`).
+ERROR_DESCRIPTIONS = {
+    "400": "Bad input: a field, query parameter or body that fails validation (NUL characters, "
+    "JSON nested deeper than API_JSON_MAX_DEPTH, numbers out of range).",
+    "401": "Not authenticated (a token that is unknown, expired or revoked).",
+    "403": "Not allowed: not signed in, or a role or team that may not do this.",
+    "404": "Not found, or not visible to this user.",
+    "409": "Conflict with the current state (a transition the object's status forbids).",
+    "415": "Unsupported media type of the body.",
+}
+
+
 class ApiSchema(AutoSchema):
     """Names a view's nested serializers after the view in the OpenAPI components
     (``TeamListApi.InputSerializer`` -> ``TeamListInput``), so that the many nested
-    ``InputSerializer`` and ``OutputSerializer`` classes do not clash."""
+    ``InputSerializer`` and ``OutputSerializer`` classes do not clash; and documents each
+    operation's error statuses with the shared :class:`ErrorOut` body."""
+
+    def error_statuses(self) -> list[str]:
+        """400, 401 and 403 for every operation (any query may be refused, every route needs
+        a user or a key); 404 when the path names an object; 409 and 415 for writes."""
+        codes = ["400", "401", "403"]
+        if "{" in self.path:
+            codes.append("404")
+        if self.method in ("POST", "PUT", "PATCH", "DELETE"):
+            codes += ["409", "415"]
+        return codes
+
+    def _get_response_bodies(self, direction="response"):
+        responses = super()._get_response_bodies(direction)
+        for code in self.error_statuses():
+            if code not in responses:
+                body = self._get_response_for_code(ErrorOut, code, direction=direction)
+                body["description"] = ERROR_DESCRIPTIONS[code]
+                responses[code] = body
+        return responses
 
     def get_serializer_name(self, serializer, direction):
         outer, _, inner = type(serializer).__qualname__.rpartition(".")

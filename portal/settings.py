@@ -248,3 +248,5 @@ REST_FRAMEWORK["DEFAULT_PARSER_CLASSES"] = [
 ]
 # Last, so that its process_view sees the signed-in user (for the 400 page) after the CSRF check.
 MIDDLEWARE.append("portal.middleware.RejectNulMiddleware")
+# Every DRF view (ApiView or not) documents its error statuses with the shared error body.
+REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "portal.api.ApiSchema"
