@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import authentication, permissions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from monitoring import selectors, services
+from monitoring.queries import RangeQuery
 from portal.api import ApiView
 from portal.roles import user_roles
 from rollouts.auth import ApiKeyAuthentication, ApiKeyClient
@@ -181,22 +182,11 @@ class EndpointMetricsApi(ApiView):
     per window. ``window`` and ``days`` default as on the dashboard (day windows when the data
     spans more than 3 days; 7 days of hours, 90 days of days); a bad value is a 400."""
 
-    @extend_schema(
-        parameters=[
-            OpenApiParameter("window", str, enum=list(selectors.WINDOWS), required=False),
-            OpenApiParameter(
-                "days",
-                int,
-                required=False,
-                description="range in days (at most 31 for hour windows, 731 for day windows)",
-            ),
-        ],
-        responses=VersionMetricsSerializer(many=True),
-    )
+    @extend_schema(parameters=[RangeQuery], responses=VersionMetricsSerializer(many=True))
     def get(self, request: Request, name: str) -> Response:
         endpoint = get_object_or_404(endpoints_visible_to(request.user), name=name)
         try:
-            rng = selectors.dashboard_range(endpoint, request.query_params)
+            rng = selectors.range_from_query(endpoint, request.query_params)
         except selectors.BadQuery as exc:
             raise serializers.ValidationError({"detail": str(exc)}) from exc
         result = selectors.endpoint_figures(endpoint, rng)

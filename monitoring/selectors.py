@@ -23,6 +23,7 @@ from django.utils import timezone
 from monitoring import metrics
 from monitoring.models import DriftRollup, Granularity, Rollup
 from monitoring.rollups import floor_day, floor_hour, merge_rollups
+from portal.queries import BadQuery, validated_query
 from rollouts.models import Deployment, DeploymentRequest, Endpoint
 from rollouts.selectors import endpoints_visible_to
 
@@ -41,9 +42,7 @@ QUALITY_FIGURES = ("accuracy", "precision", "recall", "f1", "roc_auc", "rmse", "
 DRIFT_STATUS_LEVEL = {"ok": 0, "warning": 1, "drift": 2}
 
 
-class BadQuery(ValueError):
-    """A dashboard or API query parameter that cannot be honoured; the message says why."""
-
+# BadQuery: a dashboard or API query parameter that cannot be honoured; the message says why.
 
 # ---------------------------------------------------------------------------------------------
 # The range of a dashboard
@@ -61,30 +60,27 @@ class Range:
 
 
 def dashboard_range(
-    endpoint: Endpoint, params: Mapping[str, str], *, now: datetime | None = None
+    endpoint: Endpoint,
+    *,
+    window: str | None = None,
+    days: int | None = None,
+    now: datetime | None = None,
 ) -> Range:
-    """The window (``?window=hour|day``) and range (``?days=N``) of a dashboard.
+    """The window (``hour`` or ``day``) and range (``days``) of a dashboard, both validated by
+    :class:`monitoring.queries.RangeQuery` from the query string.
 
     Without ``window``: day windows when the range (``days``, else the span of the endpoint's
     data) exceeds 3 days, else hours. Without ``days``: 7 days of hours or 90 days of days.
 
     Raises:
-        BadQuery: an unknown window, a non-integer or non-positive ``days``, or more days than
-            the window allows (31 for hours, 731 for days).
+        BadQuery: an unknown window, ``days`` below 1, or more days than the window allows
+            (31 for hours, 731 for days); checked here too, before any date arithmetic.
     """
     now = now or timezone.now()
-    window = params.get("window") or None
     if window is not None and window not in WINDOWS:
         raise BadQuery(f"window must be one of {', '.join(WINDOWS)}, not {window!r}.")
-    days: int | None = None
-    raw_days = params.get("days")
-    if raw_days not in (None, ""):
-        try:
-            days = int(raw_days)
-        except (TypeError, ValueError):
-            raise BadQuery(f"days must be a whole number, not {raw_days!r}.") from None
-        if days < 1:
-            raise BadQuery("days must be at least 1.")
+    if days is not None and not 1 <= days <= max(MAX_DAYS.values()):
+        raise BadQuery(f"days must be from 1 to {max(MAX_DAYS.values())}, not {days}.")
     chosen = window is not None
     if window is None:
         span = timedelta(days=days) if days is not None else data_span(endpoint, now)
@@ -100,6 +96,15 @@ def dashboard_range(
     else:
         start = floor_day(now) - timedelta(days=days - 1)
     return Range(window=window, days=days, start=start, end=now, chosen=chosen)
+
+
+def range_from_query(endpoint: Endpoint, params: Mapping, *, now: datetime | None = None) -> Range:
+    """:func:`dashboard_range` of a query dict (``?window=&days=``), validated by
+    :class:`monitoring.queries.RangeQuery`. Raises BadQuery naming the field and the range."""
+    from monitoring.queries import RangeQuery  # it imports this module's limits
+
+    query = validated_query(RangeQuery, params)
+    return dashboard_range(endpoint, window=query.get("window"), days=query.get("days"), now=now)
 
 
 def data_span(endpoint: Endpoint, now: datetime) -> timedelta:

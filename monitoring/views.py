@@ -11,7 +11,9 @@ from django.views.decorators.http import require_POST
 
 from monitoring import figures, selectors, services
 from monitoring.models import DriftBaseline
+from monitoring.queries import RANGE_TEXT
 from portal.selectors import audit_events_visible_to
+from portal.views import bad_request_page
 from registry.models import ModelVersion
 from rollouts import selectors as rollout_selectors
 
@@ -56,9 +58,15 @@ def endpoint_dashboard(request: HttpRequest, name: str) -> HttpResponse:
     it drifted in). A bad window or range is a 400 that says what is allowed."""
     endpoint = _visible_endpoint(request, name)
     try:
-        rng = selectors.dashboard_range(endpoint, request.GET)
+        rng = selectors.range_from_query(endpoint, request.GET)
     except selectors.BadQuery as exc:
-        return HttpResponseBadRequest(str(exc), content_type="text/plain; charset=utf-8")
+        return bad_request_page(
+            request,
+            str(exc),
+            title=f"{endpoint.name}: bad range",
+            allowed=RANGE_TEXT,
+            back_url=reverse("monitoring:endpoint", args=[endpoint.name]),
+        )
     live = selectors.live_versions([endpoint.pk]).get(endpoint.pk, [])
     result = selectors.endpoint_figures(endpoint, rng, live)
     windows = selectors.drift_windows(endpoint, rng)

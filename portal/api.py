@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.shortcuts import get_object_or_404
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers, status
 from rest_framework.exceptions import ValidationError as DrfValidationError
 from rest_framework.pagination import LimitOffsetPagination
@@ -23,6 +23,7 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from portal import selectors, services, views
 from portal.errors import Conflict, ServiceUnavailable
 from portal.models import AuditEvent, Team
+from portal.queries import AuditFilterQuery, AuditPageQuery, BadQuery, validated_query
 from portal.roles import is_platform_admin, user_roles
 
 
@@ -48,10 +49,49 @@ def exception_handler(exc, context):
     return drf_exception_handler(exc, context)
 
 
+class ErrorOut(serializers.Serializer):
+    """The body of every 4xx and 5xx answer: ``{"detail": "..."}``, or for a body that fails
+    validation one entry per field, ``{"<field>": ["message", ...]}``."""
+
+    detail = serializers.CharField(required=False, help_text="what was wrong")
+
+
+#: The error statuses an operation may answer, and when (see :meth:`ApiSchema.error_statuses`).
+ERROR_DESCRIPTIONS = {
+    "400": "Bad input: a field, query parameter or body that fails validation (NUL characters, "
+    "JSON nested deeper than API_JSON_MAX_DEPTH, numbers out of range).",
+    "401": "Not authenticated (a token that is unknown, expired or revoked).",
+    "403": "Not allowed: not signed in, or a role or team that may not do this.",
+    "404": "Not found, or not visible to this user.",
+    "409": "Conflict with the current state (a transition the object's status forbids).",
+    "415": "Unsupported media type of the body.",
+}
+
+
 class ApiSchema(AutoSchema):
     """Names a view's nested serializers after the view in the OpenAPI components
     (``TeamListApi.InputSerializer`` -> ``TeamListInput``), so that the many nested
-    ``InputSerializer`` and ``OutputSerializer`` classes do not clash."""
+    ``InputSerializer`` and ``OutputSerializer`` classes do not clash; and documents each
+    operation's error statuses with the shared :class:`ErrorOut` body."""
+
+    def error_statuses(self) -> list[str]:
+        """400, 401 and 403 for every operation (any query may be refused, every route needs
+        a user or a key); 404 when the path names an object; 409 and 415 for writes."""
+        codes = ["400", "401", "403"]
+        if "{" in self.path:
+            codes.append("404")
+        if self.method in ("POST", "PUT", "PATCH", "DELETE"):
+            codes += ["409", "415"]
+        return codes
+
+    def _get_response_bodies(self, direction="response"):
+        responses = super()._get_response_bodies(direction)
+        for code in self.error_statuses():
+            if code not in responses:
+                body = self._get_response_for_code(ErrorOut, code, direction=direction)
+                body["description"] = ERROR_DESCRIPTIONS[code]
+                responses[code] = body
+        return responses
 
     def get_serializer_name(self, serializer, direction):
         outer, _, inner = type(serializer).__qualname__.rpartition(".")
@@ -149,15 +189,6 @@ class TeamMemberApi(ApiView):
 
 # --- Audit trail ------------------------------------------------------------------------------
 
-AUDIT_FILTERS = [
-    OpenApiParameter("model", str, description="registered model name"),
-    OpenApiParameter("environment", str, description="environment name"),
-    OpenApiParameter("actor", str, description="username, or 'system'"),
-    OpenApiParameter("action", str, description="e.g. request.approved"),
-    OpenApiParameter("since", OpenApiTypes.DATE, description="first day, inclusive"),
-    OpenApiParameter("until", OpenApiTypes.DATE, description="last day, inclusive"),
-]
-
 
 class AuditEventOut(serializers.ModelSerializer):
     actor = serializers.CharField(source="actor_label")
@@ -201,20 +232,17 @@ class AuditListApi(ApiView):
 
     @extend_schema(
         operation_id="audit_list",
-        parameters=[
-            *AUDIT_FILTERS,
-            OpenApiParameter("limit", int, description="events per page (default 50, max 1000)"),
-            OpenApiParameter("offset", int, description="events to skip"),
-        ],
+        parameters=[AuditPageQuery],
         responses=OutputSerializer,
     )
     def get(self, request: Request) -> Response:
-        filters = selectors.AuditFilters.from_query(request.query_params)
         try:
+            validated_query(AuditPageQuery, request.query_params)  # paging limits too
+            filters = selectors.AuditFilters.from_query(request.query_params)
             events = selectors.audit_events_filtered(request.user, filters)
             paginator = AuditPagination()
             page = paginator.paginate_queryset(events, request, view=self)
-        except selectors.BadFilter as exc:
+        except (selectors.BadFilter, BadQuery) as exc:
             raise DrfValidationError({"detail": str(exc)}) from exc
         return paginator.get_paginated_response(AuditEventOut(page, many=True).data)
 
@@ -241,7 +269,7 @@ class AuditCsvApi(ApiView):
 
     @extend_schema(
         operation_id="audit_csv",
-        parameters=AUDIT_FILTERS,
+        parameters=[AuditFilterQuery],
         responses={
             (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="one row per event")
         },

@@ -37,7 +37,16 @@ class AuditFilters:
 
     @classmethod
     def from_query(cls, query) -> AuditFilters:
-        return cls(**{f: (query.get(f) or "").strip() for f in cls.__dataclass_fields__})
+        """The filters of a query dict, validated by :class:`portal.queries.AuditFilterQuery`
+        (dates from 1970-01-01 to 9998-12-31, bounded lengths). Raises BadFilter."""
+        from portal.queries import AuditFilterQuery, BadQuery, validated_query
+
+        fields = {f: query.get(f) or "" for f in cls.__dataclass_fields__}
+        try:
+            data = validated_query(AuditFilterQuery, fields)
+        except BadQuery as exc:
+            raise BadFilter(str(exc)) from None
+        return cls(**{f: str(data.get(f, "")) for f in cls.__dataclass_fields__})
 
 
 class BadFilter(ValueError):

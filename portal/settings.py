@@ -251,3 +251,15 @@ SERVING_DRAIN_MAX_BYTES = env.int("SERVING_DRAIN_MAX_BYTES", default=16 * 1024 *
 SERVING_LOG_DRAIN_S = env.float("SERVING_LOG_DRAIN_S", default=10.0)
 # A prediction-log row whose insert failed this many times is dropped and logged as lost.
 SERVING_LOG_MAX_ATTEMPTS = env.int("SERVING_LOG_MAX_ATTEMPTS", default=5)
+# --- api (issue 9) ---
+# Deepest JSON (arrays and objects) any API route or the MLflow webhook accepts; deeper is a 400.
+API_JSON_MAX_DEPTH = env.int("API_JSON_MAX_DEPTH", default=64)
+REST_FRAMEWORK["DEFAULT_PARSER_CLASSES"] = [
+    "portal.parsers.BoundedJSONParser",
+    "portal.parsers.NulFreeFormParser",
+    "portal.parsers.NulFreeMultiPartParser",
+]
+# Last, so that its process_view sees the signed-in user (for the 400 page) after the CSRF check.
+MIDDLEWARE.append("portal.middleware.RejectNulMiddleware")
+# Every DRF view (ApiView or not) documents its error statuses with the shared error body.
+REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "portal.api.ApiSchema"

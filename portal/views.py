@@ -13,6 +13,21 @@ from portal.roles import user_roles
 from portal.selectors import AuditFilters, BadFilter, audit_events_filtered, audit_events_visible_to
 
 
+def bad_request_page(
+    request: HttpRequest,
+    message: str,
+    *,
+    allowed: str = "",
+    title: str = "Bad request",
+    back_url: str = "",
+) -> HttpResponse:
+    """A 400 inside the site's layout (``templates/400.html``): ``message`` says what was
+    wrong, ``allowed`` the accepted values or range; ``back_url`` defaults to the page itself
+    without its query."""
+    context = {"message": message, "allowed": allowed, "title": title, "back_url": back_url}
+    return render(request, "400.html", context, status=400)
+
+
 def _events(request: HttpRequest):
     if not user_roles(request.user):
         raise PermissionDenied("The audit trail is open to Rollgate personas only.")
@@ -28,7 +43,7 @@ def audit_trail(request: HttpRequest) -> HttpResponse:
         filters, events = _events(request)
         page = Paginator(events, 50).get_page(request.GET.get("page"))
     except BadFilter as exc:
-        return HttpResponseBadRequest(str(exc))
+        return bad_request_page(request, str(exc), title="Bad audit filter", back_url="/audit/")
     visible = audit_events_visible_to(request.user)
     query = request.GET.copy()
     query.pop("page", None)

@@ -5,7 +5,7 @@ gets 404 for a model they may not see."""
 from __future__ import annotations
 
 from django.core.exceptions import PermissionDenied
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.exceptions import ValidationError as DrfValidationError
@@ -13,10 +13,19 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from portal.api import ApiView
+from portal.queries import BadQuery, validated_query
 from portal.roles import can_sync_registry
 from portal.tasking import enqueue_on_commit
 from registry import compare, selectors, tasks
 from registry.models import ModelVersion, RegisteredModel
+from registry.queries import CatalogQuery, VersionPairQuery
+
+
+def _query(serializer_class, request: Request) -> dict:
+    try:
+        return validated_query(serializer_class, request.query_params)
+    except BadQuery as exc:
+        raise DrfValidationError({"detail": str(exc)}) from None
 
 
 def _aliases_of(model: RegisteredModel, version: int) -> list[str]:
@@ -35,18 +44,11 @@ class ModelListApi(ApiView):
         latest_version = serializers.IntegerField(allow_null=True)
         synced_at = serializers.DateTimeField()
 
-    @extend_schema(
-        parameters=[
-            OpenApiParameter("q", str, description="part of the name or description"),
-            OpenApiParameter("team", str, description="team slug"),
-        ],
-        responses=OutputSerializer(many=True),
-    )
+    @extend_schema(parameters=[CatalogQuery], responses=OutputSerializer(many=True))
     def get(self, request: Request) -> Response:
+        query = _query(CatalogQuery, request)
         models = selectors.registered_models_list(
-            request.user,
-            search=request.query_params.get("q", "").strip(),
-            team=request.query_params.get("team", "").strip(),
+            request.user, search=query.get("q", ""), team=query.get("team", "")
         )
         return Response(self.OutputSerializer(models, many=True).data)
 
@@ -169,22 +171,14 @@ class ModelCompareApi(ApiView):
         params = ParamDiffOut(many=True)
         signature = SignatureDiffOut()
 
-    @extend_schema(
-        parameters=[
-            OpenApiParameter("a", int, description="the old version (default: second latest)"),
-            OpenApiParameter("b", int, description="the new version (default: latest)"),
-        ],
-        responses=OutputSerializer,
-    )
+    @extend_schema(parameters=[VersionPairQuery], responses=OutputSerializer)
     def get(self, request: Request, name: str) -> Response:
+        query = _query(VersionPairQuery, request)
         model = selectors.registered_models_visible_to(request.user).get(name=name)
         by_number = {v.version: v for v in model.versions.all()}
         latest = sorted(by_number, reverse=True)
-        try:
-            a = int(request.query_params.get("a") or (latest[1] if len(latest) > 1 else 0))
-            b = int(request.query_params.get("b") or (latest[0] if latest else 0))
-        except ValueError:
-            raise DrfValidationError({"detail": "a and b must be version numbers."}) from None
+        a = query.get("a") or (latest[1] if len(latest) > 1 else 0)
+        b = query.get("b") or (latest[0] if latest else 0)
         for number in (a, b):
             if number not in by_number:
                 raise NotFound(f"{name} has no version {number}.")

@@ -5,23 +5,30 @@ import json
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from portal.models import Team
+from portal.queries import BadQuery, validated_query
 from portal.roles import can_sync_registry
 from portal.tasking import enqueue_on_commit
+from portal.views import bad_request_page
 from registry import compare as compare_versions
 from registry import selectors, tasks
 from registry.models import ModelVersion
+from registry.queries import CatalogQuery, VersionPairQuery
 
 
 @login_required
 def catalog(request: HttpRequest) -> HttpResponse:
-    search = request.GET.get("q", "").strip()
-    team = request.GET.get("team", "").strip()
+    try:
+        query = validated_query(CatalogQuery, request.GET)
+    except BadQuery as exc:
+        return bad_request_page(request, str(exc), back_url=reverse("registry:catalog"))
+    search, team = query.get("q", ""), query.get("team", "")
     return render(
         request,
         "registry/catalog.html",
@@ -64,12 +71,15 @@ def version_detail(request: HttpRequest, name: str, version: int) -> HttpRespons
 def compare(request: HttpRequest, name: str) -> HttpResponse:
     """Two versions side by side: metrics, params and the signature diff (``?a=1&b=2``)."""
     model = get_object_or_404(selectors.registered_models_visible_to(request.user), name=name)
-    versions = list(model.versions.order_by("-version"))
     try:
-        a = int(request.GET.get("a") or (versions[1].version if len(versions) > 1 else 0))
-        b = int(request.GET.get("b") or (versions[0].version if versions else 0))
-    except ValueError:
-        return HttpResponseBadRequest("a and b must be version numbers")
+        query = validated_query(VersionPairQuery, request.GET)
+    except BadQuery as exc:
+        return bad_request_page(
+            request, str(exc), back_url=reverse("registry:model", args=[model.name])
+        )
+    versions = list(model.versions.order_by("-version"))
+    a = query.get("a") or (versions[1].version if len(versions) > 1 else 0)
+    b = query.get("b") or (versions[0].version if versions else 0)
     by_number = {v.version: v for v in versions}
     if a not in by_number or b not in by_number:
         raise Http404(f"{name} has no version {a if a not in by_number else b}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
+from portal.inputs import BadInput, loads_bounded
 from portal.tasking import enqueue
 from registry import tasks
 from registry.mlflow_client import REGISTRY_WEBHOOK_EVENTS
@@ -102,12 +102,13 @@ def delivery_event(body: bytes) -> str:
 
     Raises:
         DeliveryRejected(400): the body is not a JSON object with string ``entity`` and
-            ``action``, or the event is not one of ``REGISTRY_WEBHOOK_EVENTS``.
+            ``action`` (nested at most ``API_JSON_MAX_DEPTH`` levels, no NUL in its strings),
+            or the event is not one of ``REGISTRY_WEBHOOK_EVENTS``.
     """
     try:
-        payload = json.loads(body)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise DeliveryRejected(400, f"body is not JSON: {exc}") from None
+        payload = loads_bounded(body)
+    except BadInput as exc:
+        raise DeliveryRejected(400, f"body refused: {exc}") from None
     if not isinstance(payload, dict):
         raise DeliveryRejected(400, "body must be a JSON object")
     entity, action = payload.get("entity"), payload.get("action")

@@ -200,13 +200,17 @@ class DeploymentRequestApproveApi(ApiView):
         return _detail(request, request_id)
 
 
+class RejectInput(serializers.Serializer):
+    comment = serializers.CharField(max_length=4000, help_text="why: required, not blank")
+
+
 class DeploymentRequestRejectApi(ApiView):
     """``POST /api/requests/<id>/reject {comment}``: the comment is required."""
 
-    @extend_schema(request=ReviewInput, responses=DeploymentRequestDetailOut)
+    @extend_schema(request=RejectInput, responses=DeploymentRequestDetailOut)
     def post(self, request: Request, request_id: int) -> Response:
         _visible(request, request_id)
-        data = ReviewInput(data=request.data)
+        data = RejectInput(data=request.data)
         data.is_valid(raise_exception=True)
         services.deployment_request_reject(
             request_id=request_id, reviewer=request.user, comment=data.validated_data["comment"]
