@@ -24,7 +24,10 @@ own beat schedule (``ROLLUP_REFRESH_S``), so the figures lag the log by at most 
 interval; evaluating does not refresh, so that the two periodic tasks never hold each other up.
 
 Every step is idempotent: a re-run fires nothing twice, runs no action twice (an action is
-claimed by a conditional update from ``pending``), and e-mails each alert once.
+claimed by a conditional update from ``pending``), and e-mails each alert once. An action whose
+worker died is left ``running`` past its lease (``ALERT_ACTION_LEASE_S``); beat runs
+``monitoring.tasks.reclaim_alert_actions``, which runs it again, up to
+``ALERT_ACTION_MAX_ATTEMPTS`` attempts, then marks it failed with the reason, and its e-mail goes.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from django.contrib.auth.models import AnonymousUser, User
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.mail import send_mass_mail
 from django.db import transaction
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, F, Q, QuerySet
 from django.utils import timezone
 
 from monitoring import metrics
@@ -593,17 +596,32 @@ def alert_acknowledge(*, alert_id: int, actor: User) -> Alert:
 # Actions
 
 
+def _action_lease() -> timedelta:
+    return timedelta(seconds=settings.ALERT_ACTION_LEASE_S)
+
+
 def alert_run_action(*, alert_id: int) -> Alert:
-    """Run the pending action of an alert once (claimed by a conditional update), record its
-    outcome on the alert and audit it. Failures are recorded, never raised."""
+    """Run the pending action of an alert once, record its outcome on the alert and audit it.
+    Failures are recorded, never raised.
+
+    The action is claimed by a conditional update from ``pending`` to ``running`` that counts
+    the attempt and sets a lease (``ALERT_ACTION_LEASE_S``); a worker that dies while running
+    it leaves the alert ``running`` past its lease, and :func:`alert_actions_reclaim` (beat)
+    puts it back to pending. The outcome is written only while this attempt still holds the
+    claim, so a run that outlived its lease and was reclaimed cannot overwrite the newer one.
+    """
+    now = timezone.now()
     claimed = Alert.objects.filter(pk=alert_id, action_status=Alert.ActionStatus.PENDING).update(
-        action_status=Alert.ActionStatus.RUNNING
+        action_status=Alert.ActionStatus.RUNNING,
+        action_attempts=F("action_attempts") + 1,
+        action_lease_until=now + _action_lease(),
     )
     alert = Alert.objects.select_related(
         "rule", "endpoint__environment", "endpoint__registered_model", "model_version"
     ).get(pk=alert_id)
     if not claimed:
         return alert
+    attempt = alert.action_attempts
     if alert.action == AlertAction.ROLLBACK:
         status, result = _rollback(alert)
     elif alert.action == AlertAction.RETRAINING_REQUEST:
@@ -611,22 +629,128 @@ def alert_run_action(*, alert_id: int) -> Alert:
     else:
         status, result = Alert.ActionStatus.NONE, ""
     with transaction.atomic():
-        Alert.objects.filter(pk=alert.pk).update(action_status=status, action_result=result)
+        written = Alert.objects.filter(
+            pk=alert.pk, action_status=Alert.ActionStatus.RUNNING, action_attempts=attempt
+        ).update(action_status=status, action_result=result, action_lease_until=None)
+        if not written:
+            logger.warning(
+                "alert #%s: attempt %s of its action outlived its lease and was reclaimed; "
+                "its outcome (%s: %s) is not recorded",
+                alert.pk,
+                attempt,
+                status,
+                result,
+            )
+            alert.refresh_from_db()
+            return alert
         alert.action_status, alert.action_result = status, result
         _audit_alert(
             alert,
             "alert.action",
             None,
-            after={"action": alert.action, "status": status, "result": result},
+            after={
+                "action": alert.action,
+                "status": status,
+                "result": result,
+                "attempt": attempt,
+            },
         )
     return alert
+
+
+def _lapsed_action(now: datetime) -> Q:
+    return Q(action_status=Alert.ActionStatus.RUNNING) & (
+        Q(action_lease_until__lte=now) | Q(action_lease_until__isnull=True)
+    )
+
+
+def alert_actions_reclaim(*, now: datetime | None = None) -> list[int]:
+    """Reclaim the actions left ``running`` past their lease (their worker died): each runs
+    again, or, when it has been attempted ``ALERT_ACTION_MAX_ATTEMPTS`` times, is marked failed
+    with the reason. Either way the alert's e-mail is then queued (it waits for the action, so
+    that the message says what was done). Safe to run concurrently with itself and with
+    :func:`alerts_evaluate`: every step is a conditional update checked by its row count.
+
+    Returns the ids of the alerts reclaimed or given up.
+    """
+    now = now or timezone.now()
+    done: list[int] = []
+    for pk, attempts in Alert.objects.filter(_lapsed_action(now)).values_list(
+        "pk", "action_attempts"
+    ):
+        give_up = attempts >= settings.ALERT_ACTION_MAX_ATTEMPTS
+        reason = (
+            f"Not run: its worker stopped before finishing {attempts} times; gave up after "
+            f"{settings.ALERT_ACTION_MAX_ATTEMPTS} attempts (ALERT_ACTION_MAX_ATTEMPTS)."
+        )
+        with transaction.atomic():
+            changes: dict[str, Any] = (
+                {"action_status": Alert.ActionStatus.FAILED, "action_result": reason}
+                if give_up
+                else {"action_status": Alert.ActionStatus.PENDING}
+            )
+            if not Alert.objects.filter(
+                _lapsed_action(now), pk=pk, action_attempts=attempts
+            ).update(action_lease_until=None, **changes):
+                continue  # finished, or reclaimed by another worker, meanwhile
+            alert = Alert.objects.select_related(
+                "endpoint__environment", "endpoint__registered_model"
+            ).get(pk=pk)
+            _audit_alert(
+                alert,
+                "alert.action" if give_up else "alert.action_reclaimed",
+                None,
+                before={"status": Alert.ActionStatus.RUNNING, "attempts": attempts},
+                after=(
+                    {"action": alert.action, "status": alert.action_status, "result": reason}
+                    if give_up
+                    else {"status": alert.action_status}
+                ),
+            )
+        if give_up:
+            logger.error("alert #%s: %s", pk, reason)
+        else:
+            logger.warning(
+                "alert #%s: action abandoned after attempt %s; running it again", pk, attempts
+            )
+            alert_run_action(alert_id=pk)
+        done.append(pk)
+    _queue_notifications(
+        list(
+            Alert.objects.filter(pk__in=done, notified_at__isnull=True, status__in=ACTIVE)
+            .exclude(action_status__in=[Alert.ActionStatus.PENDING, Alert.ActionStatus.RUNNING])
+            .values_list("pk", flat=True)
+        )
+    )
+    return done
 
 
 def _rollback(alert: Alert) -> tuple[str, str]:
     from registry.mlflow_client import RegistryError
     from rollouts import services as rollout_services
+    from rollouts.models import Deployment, DeploymentRequest
 
     reason = f"alert #{alert.pk}: {alert.message}"
+    # A re-run (the worker of an earlier attempt died) or a person may have rolled back
+    # already: rolling back whatever is live now would go one release further back.
+    if not Deployment.objects.filter(
+        endpoint_id=alert.endpoint_id,
+        model_version_id=alert.model_version_id,
+        status=Deployment.Status.LIVE,
+    ).exists():
+        done = DeploymentRequest.objects.filter(
+            endpoint_id=alert.endpoint_id,
+            model_version_id=alert.model_version_id,
+            status=DeploymentRequest.Status.ROLLED_BACK,
+            status_reason__startswith=f"alert #{alert.pk}:",
+        ).exists()
+        version = f"v{alert.model_version.version}"
+        if done:
+            return Alert.ActionStatus.SUCCEEDED, f"Rolled back {version} (by an earlier attempt)."
+        return (
+            Alert.ActionStatus.FAILED,
+            f"Not rolled back: {version} no longer serves on {alert.endpoint.name}.",
+        )
     try:
         restored = rollout_services.deployment_rollback(
             endpoint_id=alert.endpoint_id, actor=None, reason=reason

@@ -336,6 +336,11 @@ class Alert(models.Model):
         max_length=16, choices=ActionStatus.choices, default=ActionStatus.NONE
     )
     action_result = models.TextField(blank=True)
+    # A running action is claimed until ``action_lease_until``; a worker that dies leaves it
+    # running past that, and beat (``monitoring.tasks.reclaim_alert_actions``) runs it again,
+    # at most ``ALERT_ACTION_MAX_ATTEMPTS`` times in all.
+    action_attempts = models.PositiveSmallIntegerField(default=0)
+    action_lease_until = models.DateTimeField(null=True, blank=True)
     notified_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

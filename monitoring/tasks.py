@@ -42,6 +42,16 @@ def evaluate_alerts() -> dict[str, int]:
         return alerts.alerts_evaluate().as_dict()
 
 
+@shared_task
+def reclaim_alert_actions() -> int:
+    """Periodic (beat, ``ALERT_ACTION_RECLAIM_S``): run again the alert actions whose worker
+    died (left running past ``ALERT_ACTION_LEASE_S``), or fail them after
+    ``ALERT_ACTION_MAX_ATTEMPTS``; see ``monitoring.alerts.alert_actions_reclaim``."""
+    from monitoring import alerts
+
+    return len(alerts.alert_actions_reclaim())
+
+
 @shared_task(autoretry_for=(OSError,), retry_backoff=10, max_retries=3)
 def send_alert_notification(alert_id: int) -> int:
     """E-mail an alert to its endpoint's team and the managers, once; returns messages sent."""

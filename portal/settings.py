@@ -263,3 +263,13 @@ REST_FRAMEWORK["DEFAULT_PARSER_CLASSES"] = [
 MIDDLEWARE.append("portal.middleware.RejectNulMiddleware")
 # Every DRF view (ApiView or not) documents its error statuses with the shared error body.
 REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "portal.api.ApiSchema"
+# --- coord (issue 9) ---
+# An alert action (rollback, retraining request) is claimed for this long; a worker that dies
+# mid-action leaves it running past its lease, and beat runs it again, at most this many times
+# in all before it is marked failed (monitoring.alerts.alert_actions_reclaim).
+ALERT_ACTION_LEASE_S = env.int("ALERT_ACTION_LEASE_S", default=300)
+ALERT_ACTION_MAX_ATTEMPTS = env.int("ALERT_ACTION_MAX_ATTEMPTS", default=3)
+CELERY_BEAT_SCHEDULE["reclaim-alert-actions"] = {
+    "task": "monitoring.tasks.reclaim_alert_actions",
+    "schedule": env.float("ALERT_ACTION_RECLAIM_S", default=60.0),
+}
