@@ -37,8 +37,10 @@ AUTO_DAY_WINDOW_AFTER = timedelta(days=3)
 #: Figures of the version table that may be undefined, in display order.
 QUALITY_FIGURES = ("accuracy", "precision", "recall", "f1", "roc_auc", "rmse", "mae")
 
-#: Heatmap colour of a drift status; "insufficient data" (and a window without a result) is a gap.
-DRIFT_STATUS_LEVEL = {"ok": 0, "warning": 1, "drift": 2}
+#: Heatmap colour of a drift status. "insufficient data", "skipped" (a date/time column, see
+#: :mod:`monitoring.drift`) and a window without a result are gaps (None) that show their
+#: status and reason on hover.
+DRIFT_STATUS_LEVEL = {"ok": 0, "warning": 1, "drift": 2, "insufficient data": None, "skipped": None}
 
 
 class BadQuery(ValueError):
