@@ -53,8 +53,10 @@ class FeedbackItemSerializer(serializers.Serializer):
 
 class FeedbackApi(ApiView):
     """``POST /api/feedback``: one ``{request_id | inference_id, label[, row]}`` object or a
-    list of them (at most 10,000). Labels may arrive any time after the prediction; the
-    figures of the prediction's window are recomputed with them."""
+    list of them (at most 10,000). Labels may arrive any time after the prediction, and a little
+    before its row is logged (the log is buffered): those are kept as pending and matched when
+    it is. A label must fit the version's output (400 naming the item otherwise); the figures
+    of the prediction's window are recomputed with them."""
 
     authentication_classes = [
         ApiKeyAuthentication,
@@ -64,8 +66,14 @@ class FeedbackApi(ApiView):
     permission_classes = [IsClientOrPersona]
 
     class OutputSerializer(serializers.Serializer):
-        accepted = serializers.IntegerField()
-        unknown = serializers.ListField(child=serializers.CharField())
+        accepted = serializers.IntegerField(help_text="labels stored now")
+        pending = serializers.IntegerField(
+            help_text="labels kept for requests whose prediction is not logged yet; matched "
+            "when it is, dropped after FEEDBACK_PENDING_TTL_S"
+        )
+        unknown = serializers.ListField(
+            child=serializers.CharField(), help_text="the ids of the pending labels"
+        )
 
     @extend_schema(request=FeedbackItemSerializer(many=True), responses=OutputSerializer)
     def post(self, request: Request) -> Response:
@@ -133,6 +141,14 @@ class ConfusionSerializer(serializers.Serializer):
     )
 
 
+class ClassFiguresSerializer(serializers.Serializer):
+    label = serializers.CharField()
+    precision = FiniteFloatField()
+    recall = FiniteFloatField()
+    f1 = FiniteFloatField()
+    support = serializers.IntegerField(help_text="labeled rows of this class")
+
+
 class VersionMetricsSerializer(TrafficSerializer):
     """Figures of one version over the range; a null figure has its reason in ``undefined``."""
 
@@ -150,6 +166,11 @@ class VersionMetricsSerializer(TrafficSerializer):
     rmse = FiniteFloatField()
     mae = FiniteFloatField()
     average = serializers.CharField(help_text="binary (positive class) or macro")
+    per_class = ClassFiguresSerializer(
+        many=True,
+        help_text="classifiers: every class the version knows (and any label seen), even "
+        "those absent from the range",
+    )
     undefined = serializers.DictField(
         child=serializers.CharField(), help_text="why a figure is null"
     )

@@ -16,6 +16,20 @@ categories, Pearson's chi-square on the 2×k table and the Jensen–Shannon dist
 (NaN, None) and, for numeric features, ±inf are left out of the distributions and reported as
 shares of all rows. The model's output column ("prediction drift") goes through the same code.
 
+A verdict needs both an effect and evidence (so that small samples do not cry wolf: 300 vs 200
+rows of one normal distribution give a normalised Wasserstein distance of about 0.15 by chance
+alone). A feature drifts when an effect size reaches its threshold (PSI, normalised
+Wasserstein, Jensen–Shannon; :class:`Thresholds`) **and** the test of "no drift" rejects: the
+two-sample Kolmogorov–Smirnov test for numeric features (:func:`ks_pvalue`), Pearson's
+chi-square test of homogeneity for categorical ones (:func:`chi_square`), with the p-values of
+all the columns of one window adjusted together by the Benjamini–Hochberg procedure
+(:func:`benjamini_hochberg`; Benjamini & Hochberg 1995, "Controlling the false discovery rate",
+JRSS B 57(1)) and compared with ``alpha`` (:data:`ALPHA`). Fewer than ``min_rows`` usable values
+on either side is "insufficient data". Date and time columns (datetime dtypes, or text that is
+all ISO 8601 dates) are ``skipped`` with a reason: every timestamp of a new window is new, so
+comparing them as categories would always drift, and as numbers would only say that time
+passed.
+
 Small samples are compared exactly (the KS statistic and the Wasserstein distance equal
 ``scipy.stats.ks_2samp`` and ``scipy.stats.wasserstein_distance``); once the reference and the
 current window together hold more than ``exact_limit`` usable values, both are computed on a grid
@@ -25,8 +39,10 @@ of ``GRID_SIZE`` reference quantiles, with the error bounds given in
 
 from __future__ import annotations
 
+import datetime as _dt
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +52,7 @@ from typing import Any
 
 import numpy as np
 from scipy.spatial.distance import jensenshannon
-from scipy.stats import chi2_contingency
+from scipy.stats import chi2_contingency, ks_2samp, kstwo, kstwobign
 
 #: Floor applied to bin proportions before PSI, so that an empty bin gives a large but finite
 #: term. 1e-4 is the usual choice in credit-scoring practice (Yurdakul 2018, "Statistical
@@ -56,6 +72,21 @@ EXACT_LIMIT = 200_000
 #: Fewer usable values than this on either side gives "insufficient data".
 MIN_ROWS = 30
 
+#: Significance level of the drift tests, after the Benjamini–Hochberg adjustment across the
+#: columns of one window: a feature drifts only when its adjusted p-value (q-value) is below it.
+ALPHA = 0.01
+
+#: Up to this many values on the larger side, the KS p-value is scipy's exact one
+#: (``scipy.stats.ks_2samp``, method "auto", whose own limit this is; about 20 ms at 10,000).
+KS_EXACT_N = 10_000
+
+#: Above KS_EXACT_N, the KS p-value is scipy's asymptotic one, ``kstwo.sf(D, round(en))`` with
+#: en = n·m/(n+m) (as ``ks_2samp(method="asymp")``), while en is at most this; beyond it,
+#: ``kstwo.sf`` takes 0.1–1 s per call (0.17 s at en = 90,909), so the limiting Kolmogorov
+#: distribution ``kstwobign.sf(D·sqrt(en))`` is used instead (Smirnov 1948; within 1 % of
+#: kstwo there in relative terms for p above 1e-30).
+KS_KSTWO_LIMIT = 10_000
+
 #: Dataset drift when at least this share of the evaluated features drifted.
 DRIFT_SHARE = 0.5
 
@@ -68,6 +99,11 @@ class Status(StrEnum):
     WARNING = "warning"
     DRIFT = "drift"
     INSUFFICIENT = "insufficient data"
+    SKIPPED = "skipped"
+
+
+#: Statuses of a feature that was judged (counted in the dataset's drift share).
+EVALUATED = frozenset({Status.OK, Status.WARNING, Status.DRIFT})
 
 
 @dataclass(frozen=True)
@@ -146,10 +182,22 @@ class CategoricalReference:
 
 
 @dataclass(frozen=True, eq=False)
+class DatetimeReference:
+    """A date or time column of the reference: not compared (status ``skipped``), see the
+    module docstring."""
+
+    name: str
+    n_rows: int
+    n_missing: int
+
+    kind = "datetime"
+
+
+@dataclass(frozen=True, eq=False)
 class Reference:
     """The prepared reference: one entry per column, plus which column is the model output."""
 
-    columns: dict[str, NumericReference | CategoricalReference]
+    columns: dict[str, NumericReference | CategoricalReference | DatetimeReference]
     prediction: str | None = None
 
     @property
@@ -169,7 +217,9 @@ def prepare_reference(
 
     ``data`` is a pandas DataFrame or a mapping of column name to a 1-D array-like (equal lengths
     are not required). Columns named in ``categorical`` are categorical; of the others, numeric
-    and all-missing columns are numeric, bool/str/object columns are categorical. ``prediction``
+    and all-missing columns are numeric, date/time columns (datetime dtypes, ``date``/``datetime``
+    objects, or text that is all ISO 8601 dates) are datetime and skipped, other
+    bool/str/object columns are categorical. ``prediction``
     names the model-output column: it is compared like a feature but reported as prediction drift
     and not counted in the dataset drift share. ``columns`` limits which columns are used;
     ``workers`` (default: the number of CPUs) sets the thread pool.
@@ -182,8 +232,10 @@ def prepare_reference(
     if prediction is not None and prediction not in names:
         names.append(prediction)
 
-    def one(name: str) -> NumericReference | CategoricalReference:
+    def one(name: str) -> NumericReference | CategoricalReference | DatetimeReference:
         raw = _column(data, name)
+        if _looks_datetime(raw):
+            return _prepare_datetime(name, raw)
         if name in categorical or _looks_categorical(raw):
             return _prepare_categorical(name, raw)
         return _prepare_numeric(name, raw)
@@ -231,6 +283,49 @@ def _looks_categorical(raw: Any) -> bool:
             for v in values.ravel()
         )
     return True
+
+
+#: ISO 8601 calendar dates, optionally with a time and an offset ("2026-12-03",
+#: "2026-12-03T14:05:00.123+00:00", "2026-12-03 14:05Z").
+_ISO_DATETIME = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:Z|[+-]\d{2}(?::?\d{2})?)?)?"
+)
+
+
+def _looks_datetime(raw: Any) -> bool:
+    """True for datetime/timedelta dtypes, and for object columns whose non-missing values are
+    all ``date``/``datetime``/``Timestamp`` objects or ISO 8601 date(time) strings (at least one
+    such value)."""
+    dtype = getattr(raw, "dtype", None)
+    if dtype is not None and getattr(dtype, "kind", "") in "mM":
+        return True
+    if dtype is not None and getattr(dtype, "kind", "O") in "biuf":
+        return False
+    if hasattr(raw, "to_numpy"):
+        values = raw.to_numpy(dtype=object)
+    else:
+        values = np.asarray(raw, dtype=object)
+    values = values.ravel()
+    if values.dtype.kind in "mM":
+        return True
+    seen = False
+    for value in values:
+        if _is_missing(value):
+            continue
+        if isinstance(value, _dt.date | np.datetime64):  # datetime and pandas' Timestamp too
+            seen = True
+        elif isinstance(value, str) and _ISO_DATETIME.fullmatch(value.strip()):
+            seen = True
+        else:
+            return False
+    return seen
+
+
+def _prepare_datetime(name: str, raw: Any) -> DatetimeReference:
+    values = raw.to_numpy(dtype=object) if hasattr(raw, "to_numpy") else np.asarray(raw, object)
+    values = values.ravel()
+    n_missing = sum(1 for v in values if _is_missing(v))
+    return DatetimeReference(name=name, n_rows=values.size, n_missing=n_missing)
 
 
 def _as_float(raw: Any, name: str) -> np.ndarray:
@@ -460,15 +555,68 @@ def chi_square(ref_counts: np.ndarray, cur_counts: np.ndarray) -> tuple[float, f
 
     Shapes (k,), every column with a positive total and each row with a positive sum. Returns
     (statistic, p-value) from ``scipy.stats.chi2_contingency(table, correction=False)``: no Yates
-    correction, so the statistic means the same for every k. With k = 1 the statistic is 0 and
-    the p-value 1. With very large windows any difference is "significant": the p-value is
-    reported, not used for the status.
+    correction, so the statistic means the same for every k (Pearson 1900; Agresti 2013,
+    "Categorical Data Analysis", §3.2). With k = 1 the statistic is 0 and the p-value 1. The
+    p-value is the evidence half of a categorical verdict: with very large windows any
+    difference is "significant", so the Jensen–Shannon distance and PSI must also reach their
+    thresholds.
     """
     table = np.vstack((ref_counts, cur_counts)).astype(np.float64)
     if table.shape[1] < 2:
         return 0.0, 1.0
     result = chi2_contingency(table, correction=False)
     return float(result.statistic), float(result.pvalue)
+
+
+def ks_pvalue(
+    d: float, n: int, m: int, *, ref: np.ndarray | None = None, current: np.ndarray | None = None
+) -> float:
+    """p-value of the two-sample Kolmogorov–Smirnov test (two-sided) for statistic ``d``.
+
+    ``n``, ``m``: the sample sizes; ``ref``/``current``: the samples (sorted finite values), used
+    only when max(n, m) ≤ :data:`KS_EXACT_N`, where the result is
+    ``scipy.stats.ks_2samp(ref, current).pvalue`` (exact distribution of D under H0, computed
+    by scipy). Larger samples use Smirnov's asymptotic distribution with en = n·m/(n+m):
+    ``scipy.stats.kstwo.sf(d, round(en))`` (as ``ks_2samp(method="asymp")``) up to en =
+    :data:`KS_KSTWO_LIMIT`, and beyond it the limiting Kolmogorov distribution
+    ``scipy.stats.kstwobign.sf(d·sqrt(en))`` (Kolmogorov 1933, Smirnov 1948), because
+    ``kstwo.sf`` costs 0.1–1 s per call at large n. The test assumes continuous data: with ties
+    it is conservative (the p-value is too large, never too small). In [0, 1].
+    """
+    if n < 1 or m < 1:
+        return 1.0
+    if max(n, m) <= KS_EXACT_N and ref is not None and current is not None:
+        return float(min(1.0, max(0.0, ks_2samp(ref, current).pvalue)))
+    big, small = max(n, m), min(n, m)
+    en = big * small / (big + small)
+    if en <= KS_KSTWO_LIMIT:
+        p = kstwo.sf(d, round(en))
+    else:
+        p = kstwobign.sf(d * math.sqrt(en))
+    return float(min(1.0, max(0.0, p)))
+
+
+def benjamini_hochberg(pvalues: list[float | None]) -> list[float | None]:
+    """Benjamini–Hochberg adjusted p-values (q-values) of a family of tests, in the input order;
+    ``None`` entries are not tests and stay ``None``.
+
+    q_(i) = min over j ≥ i of p_(j) · k / j (p sorted ascending, k tests), capped at 1
+    (Benjamini & Hochberg 1995; the same as ``scipy.stats.false_discovery_control(ps,
+    method="bh")``). Rejecting q < α keeps the expected share of false drift verdicts among
+    the flagged columns at most α, for independent or positively dependent tests.
+    """
+    tested = [(p, i) for i, p in enumerate(pvalues) if p is not None]
+    out: list[float | None] = [None] * len(pvalues)
+    if not tested:
+        return out
+    k = len(tested)
+    tested.sort()
+    running = 1.0
+    for rank in range(k, 0, -1):
+        p, index = tested[rank - 1]
+        running = min(running, p * k / rank)
+        out[index] = min(1.0, running)
+    return out
 
 
 def _bin_counts(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -532,6 +680,9 @@ def category_counts(raw: Any) -> tuple[dict[str, int], int, int]:
 class FeatureDrift:
     """Drift figures of one column. Every figure is ``None`` where it is undefined or not
     applicable (e.g. ``jensen_shannon`` on a numeric feature); shares are in [0, 1] of all rows.
+    ``test`` names the test of "no drift" (``ks`` or ``chi2``), ``pvalue`` its p-value,
+    ``qvalue`` the p-value adjusted across the window's columns (Benjamini–Hochberg) and
+    ``alpha`` the level it was compared with.
     """
 
     name: str
@@ -557,6 +708,10 @@ class FeatureDrift:
     new_category_count: int | None = None
     new_category_share: float | None = None
     exact: bool | None = None
+    test: str | None = None
+    pvalue: float | None = None
+    qvalue: float | None = None
+    alpha: float | None = None
 
     @property
     def drifted(self) -> bool:
@@ -649,8 +804,18 @@ def numeric_feature_drift(
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
     min_rows: int = MIN_ROWS,
     exact_limit: int = EXACT_LIMIT,
+    alpha: float = ALPHA,
 ) -> FeatureDrift:
-    """Compare one numeric current column (1-D array-like, NaN/None missing) with ``ref``."""
+    """Compare one numeric current column (1-D array-like, NaN/None missing) with ``ref``, as
+    a family of one test (no multiple-testing adjustment: ``qvalue == pvalue``)."""
+    result = _numeric_figures(ref, raw, min_rows=min_rows, exact_limit=exact_limit)
+    result.qvalue = result.pvalue
+    return _judge(result, thresholds, alpha)
+
+
+def _numeric_figures(
+    ref: NumericReference, raw: Any, *, min_rows: int, exact_limit: int
+) -> FeatureDrift:
     arr = _as_float(raw, ref.name)
     values, n_inf, n_missing = _split_sorted(arr)
     n, m = ref.values.size, values.size
@@ -676,33 +841,14 @@ def numeric_feature_drift(
     result.exact = exact
     result.psi = population_stability_index(ref.psi_counts, _bin_counts(values, ref.psi_edges))
     result.ks = kolmogorov_smirnov(ref, values, exact=exact)
-    notes: list[str] = []
+    result.test = "ks"
+    # On the grid, D is a lower bound (by at most ~1/GRID_SIZE): the p-value errs large.
+    result.pvalue = ks_pvalue(result.ks, n, m, ref=ref.values, current=values)
     result.wasserstein = wasserstein(ref, values, exact=exact)
     if ref.std:
         result.wasserstein_normalised = result.wasserstein / ref.std
-    else:
-        notes.append(
-            "normalised Wasserstein undefined: the reference is constant (standard deviation 0)"
-        )
-    drift, warn, fine = [], [], []
-    psi_text = f"PSI {_fmt(result.psi)}"
-    if result.psi >= thresholds.psi_drift:
-        drift.append(f"{psi_text} ≥ {_fmt(thresholds.psi_drift)}")
-    elif result.psi >= thresholds.psi_warning:
-        warn.append(f"{psi_text} ≥ {_fmt(thresholds.psi_warning)}")
-    else:
-        fine.append(f"{psi_text} < {_fmt(thresholds.psi_warning)}")
-    if result.wasserstein_normalised is not None:
-        w_text = f"Wasserstein/σ {_fmt(result.wasserstein_normalised)}"
-        if result.wasserstein_normalised >= thresholds.wasserstein:
-            drift.append(f"{w_text} ≥ {_fmt(thresholds.wasserstein)}")
-        else:
-            fine.append(f"{w_text} < {_fmt(thresholds.wasserstein)}")
-    if note := _missing_note(result, thresholds):
-        warn.append(note)
-    if n_inf:
-        notes.append(f"{_fmt(n_inf / arr.size)} of current values are ±inf and were left out")
-    return _decide(result, drift, warn, fine, notes)
+    result.status = Status.OK  # judged by _judge
+    return result
 
 
 def categorical_feature_drift(
@@ -711,8 +857,16 @@ def categorical_feature_drift(
     *,
     thresholds: Thresholds = DEFAULT_THRESHOLDS,
     min_rows: int = MIN_ROWS,
+    alpha: float = ALPHA,
 ) -> FeatureDrift:
-    """Compare one categorical current column (1-D array-like, None/NaN missing) with ``ref``."""
+    """Compare one categorical current column (1-D array-like, None/NaN missing) with ``ref``,
+    as a family of one test (``qvalue == pvalue``)."""
+    result = _categorical_figures(ref, raw, min_rows=min_rows)
+    result.qvalue = result.pvalue
+    return _judge(result, thresholds, alpha)
+
+
+def _categorical_figures(ref: CategoricalReference, raw: Any, *, min_rows: int) -> FeatureDrift:
     counts, n_rows, n_missing = category_counts(raw)
     n = sum(ref.counts.values())
     m = sum(counts.values())
@@ -742,40 +896,100 @@ def categorical_feature_drift(
     result.new_category_share = sum(counts[c] for c in new) / n_rows
     result.psi = population_stability_index(p, q)
     result.chi2, result.chi2_pvalue = chi_square(p, q)
+    result.test, result.pvalue = "chi2", result.chi2_pvalue
     result.jensen_shannon = jensen_shannon_distance(p, q)
-    drift, warn, fine = [], [], []
-    js_text = f"Jensen–Shannon {_fmt(result.jensen_shannon)}"
-    if result.jensen_shannon >= thresholds.jensen_shannon:
-        drift.append(f"{js_text} ≥ {_fmt(thresholds.jensen_shannon)}")
-    else:
-        fine.append(f"{js_text} < {_fmt(thresholds.jensen_shannon)}")
-    psi_text = f"PSI {_fmt(result.psi)}"
-    if result.psi >= thresholds.psi_drift:
-        drift.append(f"{psi_text} ≥ {_fmt(thresholds.psi_drift)}")
-    elif result.psi >= thresholds.psi_warning:
-        warn.append(f"{psi_text} ≥ {_fmt(thresholds.psi_warning)}")
-    else:
-        fine.append(f"{psi_text} < {_fmt(thresholds.psi_warning)}")
+    result.status = Status.OK  # judged by _judge
+    return result
+
+
+def _datetime_skipped(ref: DatetimeReference, raw: Any | None) -> FeatureDrift:
+    n_current = 0 if raw is None else int(np.asarray(raw, dtype=object).size)
+    return FeatureDrift(
+        name=ref.name,
+        kind="datetime",
+        status=Status.SKIPPED,
+        reason=(
+            "skipped: a date/time column (every new window holds new timestamps, so it would "
+            "always look drifted); monitor the features derived from it instead"
+        ),
+        n_reference=ref.n_rows,
+        n_current=n_current,
+        missing_share_reference=_share(ref.n_missing, ref.n_rows),
+    )
+
+
+_TEST_NAMES = {"ks": "KS", "chi2": "chi-square"}
+
+
+def _judge(result: FeatureDrift, limits: Thresholds, alpha: float) -> FeatureDrift:
+    """Set ``status`` and ``reason`` from the figures and ``qvalue``.
+
+    drift: an effect reaches its drift threshold (PSI ≥ ``psi_drift``, Wasserstein/σ ≥
+    ``wasserstein``, Jensen–Shannon ≥ ``jensen_shannon``) and q < ``alpha``; warning: PSI in the
+    warning band and q < ``alpha``, or a change that needs no test (missing share changed by ≥
+    ``missing_change``, categories unseen in the reference); ok otherwise, saying when an effect
+    was not significant.
+    """
+    if result.status not in EVALUATED:
+        return result
+    result.alpha = alpha
+    significant = result.qvalue is not None and result.qvalue < alpha
+    drift, warn, fine, notes, extra = [], [], [], [], []
+    if result.kind == "categorical" and result.jensen_shannon is not None:
+        js_text = f"Jensen–Shannon {_fmt(result.jensen_shannon)}"
+        if result.jensen_shannon >= limits.jensen_shannon:
+            drift.append(f"{js_text} ≥ {_fmt(limits.jensen_shannon)}")
+        else:
+            fine.append(f"{js_text} < {_fmt(limits.jensen_shannon)}")
+    if result.psi is not None:
+        psi_text = f"PSI {_fmt(result.psi)}"
+        if result.psi >= limits.psi_drift:
+            drift.append(f"{psi_text} ≥ {_fmt(limits.psi_drift)}")
+        elif result.psi >= limits.psi_warning:
+            warn.append(f"{psi_text} ≥ {_fmt(limits.psi_warning)}")
+        else:
+            fine.append(f"{psi_text} < {_fmt(limits.psi_warning)}")
+    if result.kind == "numeric":
+        if result.wasserstein_normalised is not None:
+            w_text = f"Wasserstein/σ {_fmt(result.wasserstein_normalised)}"
+            if result.wasserstein_normalised >= limits.wasserstein:
+                drift.append(f"{w_text} ≥ {_fmt(limits.wasserstein)}")
+            else:
+                fine.append(f"{w_text} < {_fmt(limits.wasserstein)}")
+        else:
+            notes.append(
+                "normalised Wasserstein undefined: the reference is constant (standard deviation 0)"
+            )
+    new = result.new_category_count or 0
     if new:
-        shown = ", ".join(repr(c) for c in new[:5]) + (", …" if len(new) > 5 else "")
-        warn.append(
-            f"{len(new)} categories unseen in the reference ({shown}) hold "
-            f"{_fmt(result.new_category_share)} of current rows"
+        shown = ", ".join(repr(c) for c in result.new_categories[:5]) + (", …" if new > 5 else "")
+        extra.append(
+            f"{new} categories unseen in the reference ({shown}) hold "
+            f"{_fmt(result.new_category_share or 0.0)} of current rows"
         )
-    if note := _missing_note(result, thresholds):
-        warn.append(note)
-    return _decide(result, drift, warn, fine, [])
-
-
-def _decide(
-    result: FeatureDrift, drift: list[str], warn: list[str], fine: list[str], notes: list[str]
-) -> FeatureDrift:
-    if drift:
-        result.status, parts = Status.DRIFT, drift + warn
-    elif warn:
-        result.status, parts = Status.WARNING, warn
+    if note := _missing_note(result, limits):
+        extra.append(note)
+    if result.inf_share_current:
+        notes.append(
+            f"{_fmt(result.inf_share_current)} of current values are ±inf and were left out"
+        )
+    test = _TEST_NAMES.get(result.test or "", result.test or "test")
+    p_text = f"{test} p {_fmt(result.pvalue)}" if result.pvalue is not None else f"{test} p n/a"
+    if result.qvalue is not None and result.qvalue != result.pvalue:
+        p_text += f", adjusted {_fmt(result.qvalue)}"
+    evidence = f"{p_text} {'<' if significant else '≥'} α {_fmt(alpha)}"
+    if drift and significant:
+        result.status, parts = Status.DRIFT, [*drift, *warn, evidence, *extra]
+    elif warn and significant:
+        result.status, parts = Status.WARNING, [*warn, evidence, *extra]
+    elif extra:
+        result.status, parts = Status.WARNING, extra + ([evidence] if drift or warn else [])
     else:
-        result.status, parts = Status.OK, fine
+        result.status = Status.OK
+        if drift or warn:
+            parts = [f"{'; '.join(drift + warn)}, but not significant ({evidence})"]
+        else:
+            parts = [*fine, evidence]
     result.reason = "; ".join(parts + notes)
     return result
 
@@ -789,6 +1003,7 @@ def compute_drift(
     min_rows: int = MIN_ROWS,
     drift_share: float = DRIFT_SHARE,
     exact_limit: int = EXACT_LIMIT,
+    alpha: float = ALPHA,
     workers: int | None = None,
 ) -> DatasetDrift:
     """Compare a current window with a prepared reference.
@@ -796,17 +1011,22 @@ def compute_drift(
     ``current``: a DataFrame or mapping of column name to 1-D array-like, holding (at least) the
     reference's columns; extra columns are ignored and a missing one is "insufficient data".
     ``feature_thresholds`` overrides ``thresholds`` per column. A feature with fewer than
-    ``min_rows`` usable values on either side is "insufficient data" and left out of the share.
-    The dataset drifted when ``share_drifted = drifted / evaluated ≥ drift_share`` (the
-    prediction column is reported apart and not counted). KS and Wasserstein are exact when the
-    reference and current usable values together are at most ``exact_limit``, else approximated
-    on a grid (see :func:`kolmogorov_smirnov`). ``workers`` defaults to the number of CPUs.
+    ``min_rows`` usable values on either side is "insufficient data", a date/time column is
+    "skipped"; both are left out of the share. The p-values of the judged columns (the
+    prediction column included) are adjusted together by Benjamini–Hochberg and compared with
+    ``alpha`` (see :func:`_judge` for the verdict). The dataset drifted when ``share_drifted =
+    drifted / evaluated ≥ drift_share`` (the prediction column is reported apart and not
+    counted). KS and Wasserstein are exact when the reference and current usable values
+    together are at most ``exact_limit``, else approximated on a grid (see
+    :func:`kolmogorov_smirnov`). ``workers`` defaults to the number of CPUs.
 
-    Raises ``ValueError`` when ``drift_share`` is not in (0, 1] or a column cannot be read as its
-    reference's kind (e.g. text in a numeric column).
+    Raises ``ValueError`` when ``drift_share`` is not in (0, 1], ``alpha`` not in (0, 1), or a
+    column cannot be read as its reference's kind (e.g. text in a numeric column).
     """
     if not 0 < drift_share <= 1:
         raise ValueError("drift_share must be in (0, 1]")
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must be in (0, 1)")
     overrides = dict(feature_thresholds or {})
     unknown = set(overrides) - set(reference.columns)
     if unknown:
@@ -816,7 +1036,8 @@ def compute_drift(
 
     def one(name: str) -> FeatureDrift:
         ref = reference.columns[name]
-        limits = overrides.get(name, thresholds)
+        if isinstance(ref, DatetimeReference):
+            return _datetime_skipped(ref, current[name] if name in present else None)
         if name not in present:
             return FeatureDrift(
                 name=name,
@@ -826,12 +1047,14 @@ def compute_drift(
                 n_reference=ref.n_rows,
             )
         if isinstance(ref, NumericReference):
-            return numeric_feature_drift(
-                ref, current[name], thresholds=limits, min_rows=min_rows, exact_limit=exact_limit
-            )
-        return categorical_feature_drift(ref, current[name], thresholds=limits, min_rows=min_rows)
+            return _numeric_figures(ref, current[name], min_rows=min_rows, exact_limit=exact_limit)
+        return _categorical_figures(ref, current[name], min_rows=min_rows)
 
     results = _map(one, names, workers)
+    judged = [r for r in results if r.status in EVALUATED]
+    for item, q in zip(judged, benjamini_hochberg([r.pvalue for r in judged]), strict=True):
+        item.qvalue = q
+        _judge(item, overrides.get(item.name, thresholds), alpha)
 
     prediction = None
     features = []
@@ -840,20 +1063,25 @@ def compute_drift(
             prediction = item
         else:
             features.append(item)
-    evaluated = [f for f in features if f.status != Status.INSUFFICIENT]
+    evaluated = [f for f in features if f.status in EVALUATED]
     n_drifted = sum(f.drifted for f in evaluated)
     share = n_drifted / len(evaluated) if evaluated else None
     drifted = share is not None and share >= drift_share
+    skipped = sum(f.status == Status.SKIPPED for f in features)
+    insufficient = sum(f.status == Status.INSUFFICIENT for f in features)
     if share is None:
         reason = "no feature has enough data to judge drift"
     else:
         verb = "≥" if drifted else "<"
         reason = (
             f"{n_drifted} of {len(evaluated)} evaluated features drifted "
-            f"(share {_fmt(share)} {verb} {_fmt(drift_share)})"
+            f"(share {_fmt(share)} {verb} {_fmt(drift_share)}; tests at α {_fmt(alpha)} after "
+            f"Benjamini–Hochberg)"
         )
-        if len(evaluated) < len(features):
-            reason += f"; {len(features) - len(evaluated)} with insufficient data"
+    if insufficient and share is not None:
+        reason += f"; {insufficient} with insufficient data"
+    if skipped:
+        reason += f"; {skipped} date/time skipped"
     n_current = max((f.n_current for f in results), default=0)
     return DatasetDrift(
         features=features,

@@ -139,12 +139,18 @@ class Confusion:
         seen = set(self.counts)
         for row in self.counts.values():
             seen.update(row)
-        return sorted(seen, key=lambda k: (not _is_number(k), float(k) if _is_number(k) else 0, k))
+        return sorted(seen, key=class_order)
 
     @property
     def matrix(self) -> list[list[int]]:
         labels = self.labels
         return [[self.counts.get(t, {}).get(p, 0) for p in labels] for t in labels]
+
+
+def class_order(key: str) -> tuple:
+    """Sort key of class texts: numbers first, by value, then the rest alphabetically."""
+    number = _is_number(key)
+    return (not number, float(key) if number else 0.0, key)
 
 
 def _is_number(text: str) -> bool:
@@ -172,45 +178,73 @@ class Quality:
     rmse: float | None = None
     mae: float | None = None
     average: str = ""
+    per_class: list[dict[str, Any]] = field(default_factory=list)
     undefined: dict[str, str] = field(default_factory=dict)
 
 
 def classification_quality(
-    confusion: Confusion, score_pos: Sequence[int] | None = None, score_neg=None
+    confusion: Confusion,
+    score_pos: Sequence[int] | None = None,
+    score_neg=None,
+    *,
+    classes: Sequence[str] | None = None,
 ) -> Quality:
     """Accuracy, precision, recall, F1 and (binary, scores logged) ROC AUC.
 
-    Binary labels ({0, 1} or {false, true}) report the positive class, as scikit-learn's
-    ``average="binary"``; other label sets report the macro average over the classes that have
-    a defined value, where scikit-learn would count an undefined class as 0.
+    ``classes``: the classes the model knows (:func:`label_key` texts, e.g. from
+    ``monitoring.rollups.version_classes``); the figures are computed over them and any other
+    label seen, so a window that happens to hold two of three classes is still judged as a
+    three-class model. Without ``classes``, the labels seen are all there is.
+
+    A binary model (its classes, or else the labels seen, within {0, 1} or {false, true})
+    reports the positive class, as scikit-learn's ``average="binary"``; any other reports the
+    macro average over its classes, leaving out a class whose figure is undefined (no row
+    predicted or labeled as it), as scikit-learn's ``zero_division=np.nan`` does.
+    ``per_class`` lists, for every class, ``{"label", "precision", "recall", "f1",
+    "support"}`` (support: labeled rows of the class; None where undefined).
 
     Formulas: precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2PR / (P + R).
     """
-    labels = confusion.labels
-    matrix = np.asarray(confusion.matrix, dtype=float).reshape(len(labels), len(labels))
+    seen = confusion.labels
+    known = sorted(set(classes), key=class_order) if classes else []
+    labels = sorted(set(seen) | set(known), key=class_order)
+    matrix = np.asarray(
+        [[confusion.counts.get(t, {}).get(p, 0) for p in labels] for t in labels], dtype=float
+    ).reshape(len(labels), len(labels))
     total = matrix.sum()
     q = Quality(labeled=int(total))
+    for i, label in enumerate(labels):
+        precision, recall, f1 = _class_figures(matrix, i, {})
+        q.per_class.append(
+            {
+                "label": label,
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "support": int(matrix[i, :].sum()),
+            }
+        )
     if total == 0:
         reason = "no labeled predictions yet"
         q.undefined = {k: reason for k in ("accuracy", "precision", "recall", "f1", "roc_auc")}
         return q
     q.accuracy = float(np.trace(matrix) / total)
-    binary = len(labels) <= 2 and any(set(labels) <= pair for pair in BINARY_LABELS)
+    model_classes = known or labels
+    binary = len(model_classes) <= 2 and any(set(model_classes) <= pair for pair in BINARY_LABELS)
     if binary:
         q.average = "binary"
         positive = "1" if "1" in labels or "0" in labels else "true"
-        classes = [labels.index(positive)] if positive in labels else []
-        if not classes:
+        positive_index = [labels.index(positive)] if positive in labels else []
+        if not positive_index:
             for name in ("precision", "recall", "f1"):
                 q.undefined[name] = "no row is labeled or predicted positive"
             q.precision = q.recall = q.f1 = None
         else:
-            q.precision, q.recall, q.f1 = _class_figures(matrix, classes[0], q.undefined)
+            q.precision, q.recall, q.f1 = _class_figures(matrix, positive_index[0], q.undefined)
     else:
         q.average = "macro"
-        per_class = [_class_figures(matrix, i, {}) for i in range(len(labels))]
-        for idx, name in enumerate(("precision", "recall", "f1")):
-            defined = [fig[idx] for fig in per_class if fig[idx] is not None]
+        for name in ("precision", "recall", "f1"):
+            defined = [c[name] for c in q.per_class if c[name] is not None]
             value = float(np.mean(defined)) if defined else None
             setattr(q, name, value)
             if value is None:

@@ -398,3 +398,37 @@ class RetrainingRequest(models.Model):
 
     def __str__(self) -> str:
         return f"retraining request #{self.pk} for {self.model_version_id}"
+
+
+class PendingFeedback(models.Model):
+    """A label sent for a request whose prediction row was not written yet (the serving log
+    is buffered, so a client that labels right after its answer can be ahead of the log).
+
+    Kept until the row is written (matched by the log writer's hook or the periodic
+    ``monitoring.match_pending_feedback`` task, see
+    :func:`monitoring.services.pending_feedback_match`) or until ``expires_at``. Exactly one of
+    ``request_id`` and ``inference_id`` is set; ``endpoint_ids`` is the sender's scope (null:
+    every endpoint), the same scope :func:`monitoring.services.feedback_record` applies.
+    """
+
+    request_id = models.UUIDField(null=True, blank=True, db_index=True)
+    inference_id = models.CharField(max_length=128, blank=True, db_index=True)
+    row = models.PositiveIntegerField(null=True, blank=True)
+    label = models.JSONField()
+    endpoint_ids = models.JSONField(null=True, blank=True)
+    received_at = models.DateTimeField()
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    models.Q(request_id__isnull=False, inference_id="")
+                    | models.Q(request_id__isnull=True) & ~models.Q(inference_id="")
+                ),
+                name="pending_feedback_one_ref",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"pending label for {self.request_id or self.inference_id}"

@@ -87,13 +87,25 @@ def windows_mark_stale(keys: Iterable[tuple[int, int | None, datetime]]) -> int:
 
 
 def mark_logged_rows(rows: Iterable[Any]) -> int:
-    """:func:`windows_mark_stale` for freshly written :class:`PredictionLog` /
-    :class:`ServingError` instances (the log writer's hook)."""
-    return windows_mark_stale(
+    """The log writer's hook for freshly written :class:`PredictionLog` / :class:`ServingError`
+    instances: :func:`windows_mark_stale` for their hours, then the labels that arrived before
+    their predictions were written are matched
+    (:func:`monitoring.services.pending_feedback_match`). Returns how many hours were marked."""
+    rows = list(rows)
+    marked = windows_mark_stale(
         (row.endpoint_id, row.model_version_id, row.created_at)
         for row in rows
         if isinstance(row, PredictionLog | ServingError)
     )
+    predictions = [row for row in rows if isinstance(row, PredictionLog)]
+    if predictions:
+        from monitoring.services import pending_feedback_match  # services imports this module
+
+        pending_feedback_match(
+            request_ids={row.request_id for row in predictions},
+            inference_ids={row.inference_id for row in predictions if row.inference_id},
+        )
+    return marked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +120,35 @@ def version_task(version: ModelVersion) -> str:
     if types and types <= REGRESSION_TYPES:
         return "regression"
     return "classification"
+
+
+#: Where a version records the classes it knows: a tag or a param of this name holding a JSON
+#: list (``["setosa", "versicolor"]``) or comma-separated text (``0,1,2``).
+CLASSES_KEYS = ("rollgate.classes", "classes")
+
+
+def version_classes(version: ModelVersion) -> list[str] | None:
+    """The classes a classifier version knows, as :func:`monitoring.metrics.label_key` text in
+    sorted order, from its MLflow tags or run params (:data:`CLASSES_KEYS`, logged at training
+    time from the training labels, as ``registry.demo_models`` does); None when it records
+    none or is a regressor."""
+    if version_task(version) == "regression":
+        return None
+    for source in (version.tags or {}, version.params or {}):
+        for key in CLASSES_KEYS:
+            raw = source.get(key)
+            if raw in (None, ""):
+                continue
+            try:
+                values = json.loads(raw) if isinstance(raw, str) else raw
+            except ValueError:
+                values = [v.strip() for v in str(raw).split(",") if v.strip()]
+            if not isinstance(values, list):
+                values = [values]
+            keys = {metrics.label_key(v) for v in values if not isinstance(v, dict | list)}
+            if keys:
+                return sorted(keys, key=metrics.class_order)
+    return None
 
 
 def _number(value: Any) -> float | None:
@@ -336,6 +377,8 @@ def histograms(reference: PreparedReference, current: pd.DataFrame) -> dict[str,
     categorical ones over the most frequent categories."""
     out: dict[str, dict] = {}
     for name, column in reference.reference.columns.items():
+        if isinstance(column, drift.DatetimeReference):
+            continue  # skipped by the drift engine: nothing to compare
         cur = current[name] if name in current.columns else pd.Series([], dtype=object)
         if isinstance(column, drift.NumericReference):
             ref_values = column.values

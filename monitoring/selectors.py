@@ -22,8 +22,9 @@ from django.utils import timezone
 
 from monitoring import metrics
 from monitoring.models import DriftRollup, Granularity, Rollup
-from monitoring.rollups import floor_day, floor_hour, merge_rollups
+from monitoring.rollups import floor_day, floor_hour, merge_rollups, version_classes
 from portal.queries import BadQuery, validated_query
+from registry.models import ModelVersion
 from rollouts.models import Deployment, DeploymentRequest, Endpoint
 from rollouts.selectors import endpoints_visible_to
 
@@ -38,8 +39,10 @@ AUTO_DAY_WINDOW_AFTER = timedelta(days=3)
 #: Figures of the version table that may be undefined, in display order.
 QUALITY_FIGURES = ("accuracy", "precision", "recall", "f1", "roc_auc", "rmse", "mae")
 
-#: Heatmap colour of a drift status; "insufficient data" (and a window without a result) is a gap.
-DRIFT_STATUS_LEVEL = {"ok": 0, "warning": 1, "drift": 2}
+#: Heatmap colour of a drift status. "insufficient data", "skipped" (a date/time column, see
+#: :mod:`monitoring.drift`) and a window without a result are gaps (None) that show their
+#: status and reason on hover.
+DRIFT_STATUS_LEVEL = {"ok": 0, "warning": 1, "drift": 2, "insufficient data": None, "skipped": None}
 
 
 # BadQuery: a dashboard or API query parameter that cannot be honoured; the message says why.
@@ -176,6 +179,7 @@ class VersionFigures:
     rmse: float | None = None
     mae: float | None = None
     average: str = ""
+    per_class: list[dict[str, Any]] = field(default_factory=list)
     confusion_labels: list[str] = field(default_factory=list)
     confusion_matrix: list[list[int]] = field(default_factory=list)
     undefined: dict[str, str] = field(default_factory=dict)
@@ -221,9 +225,17 @@ def _latency(hist: list[int]) -> tuple[float | None, float | None, float | None]
 
 
 def figures_from_merged(
-    merged: dict[str, Any], *, version_id: int, version: int, role: str, weight: int | None
+    merged: dict[str, Any],
+    *,
+    version_id: int,
+    version: int,
+    role: str,
+    weight: int | None,
+    classes: list[str] | None = None,
 ) -> VersionFigures:
-    """:class:`VersionFigures` of :func:`monitoring.rollups.merge_rollups` output."""
+    """:class:`VersionFigures` of :func:`monitoring.rollups.merge_rollups` output; a
+    classifier's figures are over ``classes`` (the classes the version knows,
+    :func:`monitoring.rollups.version_classes`) and any label seen."""
     task = merged["task"] or "classification"
     fig = VersionFigures(
         version_id=version_id, version=version, role=role, traffic_weight=weight, task=task
@@ -250,10 +262,17 @@ def figures_from_merged(
             confusion,
             merged["score_pos_hist"] if scored else None,
             merged["score_neg_hist"] if scored else None,
+            classes=classes,
         )
         for name in ("rmse", "mae"):
             quality.undefined[name] = "not a regressor"
-        fig.confusion_labels, fig.confusion_matrix = confusion.labels, confusion.matrix
+        fig.per_class = quality.per_class
+        fig.confusion_labels = [c["label"] for c in quality.per_class]
+        counts = confusion.counts
+        fig.confusion_matrix = [
+            [counts.get(t, {}).get(p, 0) for p in fig.confusion_labels]
+            for t in fig.confusion_labels
+        ]
     for name in QUALITY_FIGURES:
         setattr(fig, name, getattr(quality, name))
     fig.average = quality.average
@@ -358,6 +377,12 @@ def endpoint_figures(
     for point in series:
         point.traffic_share = _ratio(point.requests, totals[point.window_start])
     roles = {lv.version_id: lv for lv in live}
+    known = {
+        v.pk: version_classes(v)
+        for v in ModelVersion.objects.filter(pk__in=list(numbers)).only(
+            "pk", "tags", "params", "signature"
+        )
+    }
     versions = []
     for version_id, number in numbers.items():
         lv = roles.get(version_id)
@@ -373,6 +398,7 @@ def endpoint_figures(
                 version=number,
                 role=lv.role if lv else "not live",
                 weight=lv.traffic_weight if lv else None,
+                classes=known.get(version_id),
             )
         )
     order = {"stable": 0, "canary": 1, "not live": 2}

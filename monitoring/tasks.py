@@ -58,3 +58,15 @@ def send_alert_notification(alert_id: int) -> int:
     from monitoring import alerts
 
     return alerts.alert_notify(alert_id=alert_id)
+
+
+@shared_task
+def match_pending_feedback() -> dict[str, int]:
+    """Periodic (beat, ``FEEDBACK_PENDING_MATCH_S``): store pending labels whose prediction rows
+    were written meanwhile (those the log writer's own match missed, e.g. a label that arrived
+    while its row was being flushed) and drop expired ones. Idempotent; concurrent runs skip
+    each other's rows (row locks)."""
+    from monitoring import services
+
+    result = services.pending_feedback_match(everything=True)
+    return {"accepted": result.accepted, "pending": result.pending}

@@ -273,3 +273,11 @@ CELERY_BEAT_SCHEDULE["reclaim-alert-actions"] = {
     "task": "monitoring.tasks.reclaim_alert_actions",
     "schedule": env.float("ALERT_ACTION_RECLAIM_S", default=60.0),
 }
+# --- drift (issue 9) ---
+# Labels sent before their prediction row is logged are kept this long (seconds), matched when
+# the row is written or by the periodic task below, then dropped (monitoring.PendingFeedback).
+FEEDBACK_PENDING_TTL_S = env.int("FEEDBACK_PENDING_TTL_S", default=900)
+CELERY_BEAT_SCHEDULE["match-pending-feedback"] = {
+    "task": "monitoring.tasks.match_pending_feedback",
+    "schedule": env.float("FEEDBACK_PENDING_MATCH_S", default=30.0),
+}

@@ -108,7 +108,7 @@ def test_single_object(client, endpoint, model, api_key):
     rid = _log(endpoint, model[0], [1])
     response = _post(client, {"request_id": str(rid), "label": 1}, **_bearer(api_key))
     assert response.status_code == 200, response.content
-    assert response.json() == {"accepted": 1, "unknown": []}
+    assert response.json() == {"accepted": 1, "pending": 0, "unknown": []}
     assert _labels() == {(str(rid), 0): 1}
 
 
@@ -119,7 +119,7 @@ def test_list_and_relabel(client, endpoint, model, api_key):
         [{"request_id": str(a), "label": 0}, {"request_id": str(b), "label": "dog"}],
         **_bearer(api_key),
     )
-    assert response.json() == {"accepted": 2, "unknown": []}
+    assert response.json() == {"accepted": 2, "pending": 0, "unknown": []}
     # A label sent again replaces the earlier one.
     assert (
         _post(client, {"request_id": str(a), "label": 1}, **_bearer(api_key)).json()["accepted"]
@@ -147,7 +147,7 @@ def test_another_teams_data_scientist_sees_ids_as_unknown(
     client.force_login(other_data_scientist)
     response = _post(client, {"request_id": str(rid), "label": 1})
     assert response.status_code == 200
-    assert response.json() == {"accepted": 0, "unknown": [str(rid)]}
+    assert response.json() == {"accepted": 0, "pending": 1, "unknown": [str(rid)]}
     assert not GroundTruth.objects.exists()
 
 
@@ -160,7 +160,7 @@ def test_unknown_ids_are_reported_and_not_stored(client, endpoint, model, api_ke
         **_bearer(api_key),
     )
     assert response.status_code == 200
-    assert response.json() == {"accepted": 1, "unknown": [str(missing)]}
+    assert response.json() == {"accepted": 1, "pending": 1, "unknown": [str(missing)]}
     assert _labels() == {(str(known), 0): 0}
 
 
@@ -199,7 +199,7 @@ def test_api_key_of_another_endpoint_sees_ids_as_unknown(
     rid = _log(endpoint, model[0], [1])
     response = _post(client, {"request_id": str(rid), "label": 1}, **_bearer(other_api_key))
     assert response.status_code == 200
-    assert response.json() == {"accepted": 0, "unknown": [str(rid)]}
+    assert response.json() == {"accepted": 0, "pending": 1, "unknown": [str(rid)]}
     assert not GroundTruth.objects.exists()
 
 
@@ -340,6 +340,7 @@ def test_accuracy_matches_sklearn_on_labeled_rows(client, endpoint, model, api_k
                 truth[version][1].append(p)
     assert _post(client, items, **_bearer(api_key)).json() == {
         "accepted": len(items),
+        "pending": 0,
         "unknown": [],
     }
 
@@ -423,6 +424,7 @@ def test_served_predictions_take_labels(client, deploy, manager, platform_admin,
     labels = [1 - predictions[0], predictions[1], predictions[2]]
     assert _post(client, {"request_id": rid, "label": labels}, **_bearer(key)).json() == {
         "accepted": 3,
+        "pending": 0,
         "unknown": [],
     }
     client.force_login(manager)
