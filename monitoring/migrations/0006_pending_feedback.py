@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("monitoring", "0004_compact_rollups"),
+        ("monitoring", "0005_coord_alert_action_lease"),
     ]
 
     operations = [
