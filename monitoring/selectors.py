@@ -18,11 +18,18 @@ from typing import Any
 import numpy as np
 from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import Count, F, Min, Q
+from django.db.models.fields.json import KeyTextTransform
 from django.utils import timezone
 
 from monitoring import metrics
 from monitoring.models import DriftRollup, Granularity, Rollup
-from monitoring.rollups import floor_day, floor_hour, merge_rollups, version_classes
+from monitoring.rollups import (
+    CLASSES_KEYS,
+    floor_day,
+    floor_hour,
+    merge_rollups,
+    version_classes,
+)
 from portal.queries import BadQuery, validated_query
 from registry.models import ModelVersion
 from rollouts.models import Deployment, DeploymentRequest, Endpoint
@@ -357,11 +364,25 @@ def endpoint_figures(
         # range's day rollups instead, hundreds of rows fewer to decode.
         query = query.defer("score_pos_hist", "score_neg_hist")
         scores = _range_score_histograms(endpoint, rng)
+    # The classes a version records (rollups.CLASSES_KEYS) come with its rollups: no extra query.
+    recorded_keys = {
+        f"_{source}_{i}": KeyTextTransform(key, f"model_version__{source}")
+        for source in ("tags", "params")
+        for i, key in enumerate(CLASSES_KEYS)
+    }
     rollups = list(
-        query.annotate(version_number=F("model_version__version")).order_by(
+        query.annotate(version_number=F("model_version__version"), **recorded_keys).order_by(
             "window_start", "model_version_id"
         )
     )
+    recorded: dict[int, ModelVersion] = {}
+    for r in rollups:
+        if r.model_version_id not in recorded:
+            recorded[r.model_version_id] = ModelVersion(
+                pk=r.model_version_id,
+                tags={k: getattr(r, f"_tags_{i}") for i, k in enumerate(CLASSES_KEYS)},
+                params={k: getattr(r, f"_params_{i}") for i, k in enumerate(CLASSES_KEYS)},
+            )
     if scores is not None:
         for r in rollups:
             r.score_pos_hist = r.score_neg_hist = []  # set, so never loaded one by one
@@ -377,12 +398,7 @@ def endpoint_figures(
     for point in series:
         point.traffic_share = _ratio(point.requests, totals[point.window_start])
     roles = {lv.version_id: lv for lv in live}
-    known = {
-        v.pk: version_classes(v)
-        for v in ModelVersion.objects.filter(pk__in=list(numbers)).only(
-            "pk", "tags", "params", "signature"
-        )
-    }
+    known = {vid: version_classes(v) for vid, v in recorded.items()}
     versions = []
     for version_id, number in numbers.items():
         lv = roles.get(version_id)

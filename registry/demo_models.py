@@ -5,6 +5,7 @@ input example, test-split metrics and a reference sample of training rows.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,9 @@ def train_and_register(
     }
     with mlflow.start_run(run_name=f"{kind}-classifier"):
         mlflow.log_params({"model_kind": kind, "split_seed": SPLIT_SEED, "test_size": TEST_SIZE})
+        # The classes the model knows (its training labels): monitoring computes per-class and
+        # macro figures over them and checks feedback labels against them.
+        mlflow.log_param("classes", json.dumps(sorted(int(c) for c in split.y_train.unique())))
         mlflow.log_params(
             {k: v for k, v in model.get_params().items() if isinstance(v, int | float | str | bool)}
         )

@@ -219,3 +219,45 @@ def test_the_metrics_api_lists_every_known_class(client, world, manager):
     assert [c["label"] for c in v1["per_class"]] == ["setosa", "versicolor", "virginica"]
     assert v1["average"] == "macro"
     assert v1["confusion"]["labels"] == ["setosa", "versicolor", "virginica"]
+
+
+def test_the_serving_log_buffer_matches_pending_labels_when_it_flushes(client, world, settings):
+    from rollouts.serving.logbuffer import LogBuffer
+
+    settings.SERVING_LOG_BUFFERED = True
+    settings.SERVING_LOG_FLUSH_S = 3600  # only the explicit flush below writes
+    buffer = LogBuffer()
+    rows = _rows(world, world["classifier"], ["virginica"])
+    buffer.append(rows)  # answered: the row waits in the buffer
+    rid = str(rows[0].request_id)
+    assert _post(client, world, {"request_id": rid, "label": "virginica"}).json()["pending"] == 1
+    assert buffer.flush() == 1
+    assert GroundTruth.objects.get().label == "virginica"
+    assert not PendingFeedback.objects.exists()
+
+
+def test_a_skipped_feature_is_a_grey_cell_that_says_why():
+    from monitoring.figures import drift_heatmaps
+    from monitoring.selectors import DriftWindow
+
+    reason = "skipped: a date/time column"
+    window = DriftWindow(
+        id=1,
+        version=1,
+        window_start=timezone.now(),
+        rows=100,
+        reference="training sample",
+        drifted=False,
+        share_drifted=0.0,
+        result={
+            "features": [
+                {"name": "when", "status": "skipped", "psi": None, "reason": reason},
+                {"name": "x", "status": "ok", "psi": 0.01, "reason": ""},
+            ],
+            "prediction": None,
+        },
+    )
+    trace = drift_heatmaps([window], {1: "stable"})[0]["data"][0]
+    assert trace["y"] == ["when", "x"]
+    assert trace["z"] == [[None], [0]]
+    assert "skipped" in trace["text"][0][0] and reason in trace["text"][0][0]
