@@ -49,13 +49,18 @@ def _fast_password_hashing(settings):
 @pytest.fixture(autouse=True)
 def _serving_state(settings):
     """Each test starts with empty routing and key tables, and writes the prediction log in
-    the request (inside the test's transaction); tests of the buffered writer turn it on."""
-    from rollouts.serving.runtime import keys, router
+    the request (inside the test's transaction); tests of the buffered writer turn it on. A
+    refresher thread that a test started (an ASGI lifespan startup) is stopped after it, so that
+    it cannot swap tables or evict models under a later test."""
+    from rollouts.serving.runtime import keys, refresher, router
 
     settings.SERVING_LOG_BUFFERED = False
     router.invalidate()
     keys.invalidate()
     yield
+    refresher.stop()
+    if refresher._thread is not None:
+        refresher._thread.join(timeout=5)
     router.invalidate()
     keys.invalidate()
 
