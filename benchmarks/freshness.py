@@ -101,7 +101,7 @@ def setup(work: Path) -> dict:
         "rollback": lambda: services.deployment_rollback(
             endpoint_id=req.endpoint.pk, actor=reviewer, reason="benchmark"
         ),
-        "revoke": lambda i: services.api_key_revoke(key_id=keys[i][0].pk, actor=reviewer),
+        "revoke": lambda i: services.api_key_revoke(key_id=keys[i][0].pk, actor=None),
         "keys": [k for _, k in keys],
         "body": body.encode(),
     }
