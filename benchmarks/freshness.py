@@ -9,8 +9,9 @@ gunicorn, and then, with ``--clients`` threads posting one row each in a loop (a
 connection per request, so every worker gets requests):
 
 1. under load: v2 is deployed (request, gates, approval, smoke test, live);
-2. after the workers were idle for ``--idle`` seconds (longer than the TTL): a rollback to v1;
-3. after an idle spell: key A is revoked (the clients use key A);
+2. the workers idle for ``--idle`` seconds (longer than the TTL), a rollback to v1, idle again,
+   then the clients resume (the issue's "quiet spell" case);
+3. the same with key A revoked (the clients use key A);
 4. under load: key B is revoked (the clients use key B).
 
 The moment of a change is the commit of its transaction (an ``on_commit`` hook). For each
@@ -233,19 +234,21 @@ def main() -> None:
         clients.pause()  # 2. a rollback after an idle spell
         time.sleep(args.idle)
         s["rollback"]()
+        time.sleep(args.idle)  # and quiet after it: the next requests find entries past the TTL
         clients.start()
         time.sleep(args.load)
         results.append(
-            report("rollback to v1, after idle", marks[-1], clients.answers, lambda a: a[3] == v2)
+            report("rollback to v1, idle around", marks[-1], clients.answers, lambda a: a[3] == v2)
         )
 
         clients.pause()  # 3. a revocation after an idle spell
         time.sleep(args.idle)
         s["revoke"](0)
+        time.sleep(args.idle)
         clients.start()
         time.sleep(args.load)
         results.append(
-            report("revoke key A, after idle", marks[-1], clients.answers, lambda a: a[2] == 200)
+            report("revoke key A, idle around", marks[-1], clients.answers, lambda a: a[2] == 200)
         )
 
         clients.key = s["keys"][1]  # 4. a revocation under load
