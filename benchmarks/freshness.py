@@ -17,8 +17,8 @@ connection per request, so every worker gets requests):
 The moment of a change is the commit of its transaction (an ``on_commit`` hook). For each
 change it prints how many requests were *sent after it* and still answered from the old state
 (old version, or 200 for a revoked key), the latest such send after the change ("lag", what
-must stay under ``SERVING_ROUTE_TTL_S``) and the slowest answer in the two seconds after it
-(a model loaded on the request path would show here). Last line:
+must stay under ``SERVING_ROUTE_TTL_S``) and the slowest answer among the first two seconds
+of requests after it (a model loaded on the request path would show here). Last line:
     freshness: max_lag_ms=<x> stale_answers=<n> slowest_after_change_ms=<y>
 """
 
@@ -175,12 +175,13 @@ def report(name: str, change: float, answers, stale) -> dict:
     after = [a for a in answers if a[0] > change]
     old = [a for a in after if stale(a)]
     lag = max((a[0] - change for a in old), default=0.0) * 1000
-    window = [a for a in after if a[0] < change + 2.0]
+    first = min((a[0] for a in after), default=change)
+    window = [a for a in after if a[0] < first + 2.0]  # the first 2 s of requests after it
     slowest = max((a[1] - a[0] for a in window), default=0.0) * 1000
     errors = sum(1 for a in after if a[2] not in (200, 401))
     print(
         f"{name:<28} requests after change={len(after):>5}  answered from old state={len(old):>3}"
-        f"  max lag={lag:7.1f} ms  slowest answer in next 2 s={slowest:7.1f} ms  "
+        f"  max lag={lag:7.1f} ms  slowest in first 2 s={slowest:7.1f} ms  "
         f"errors={errors}",
         flush=True,
     )
