@@ -250,3 +250,6 @@ REST_FRAMEWORK["DEFAULT_PARSER_CLASSES"] = [
 MIDDLEWARE.append("portal.middleware.RejectNulMiddleware")
 # Every DRF view (ApiView or not) documents its error statuses with the shared error body.
 REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "portal.api.ApiSchema"
+# No ``?format=`` override: an unknown one was a 404 on every route; CSV is asked for with
+# ``Accept: text/csv``.
+REST_FRAMEWORK["URL_FORMAT_OVERRIDE"] = None
