@@ -263,6 +263,9 @@ REST_FRAMEWORK["DEFAULT_PARSER_CLASSES"] = [
 MIDDLEWARE.append("portal.middleware.RejectNulMiddleware")
 # Every DRF view (ApiView or not) documents its error statuses with the shared error body.
 REST_FRAMEWORK["DEFAULT_SCHEMA_CLASS"] = "portal.api.ApiSchema"
+# No ``?format=`` override: an unknown one was a 404 on every route; CSV is asked for with
+# ``Accept: text/csv``.
+REST_FRAMEWORK["URL_FORMAT_OVERRIDE"] = None
 # --- coord (issue 9) ---
 # An alert action (rollback, retraining request) is claimed for this long; a worker that dies
 # mid-action leaves it running past its lease, and beat runs it again, at most this many times

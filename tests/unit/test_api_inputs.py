@@ -320,3 +320,39 @@ def test_compare_version_numbers_out_of_range_are_400(
     page = client.get("/registry/churn/compare", params)
     assert page.status_code == 400
     assert _is_layout_page(page)
+
+
+# --- the schema documents errors and limits ---------------------------------------------------
+
+
+def test_schema_documents_error_statuses_bodies_and_limits(admin_api):
+    schema = admin_api.get("/api/schema", HTTP_ACCEPT="application/json").json()
+    writes = ("post", "put", "patch", "delete")
+    operations = 0
+    for path, item in schema["paths"].items():
+        for method, op in item.items():
+            if method not in ("get", *writes):
+                continue
+            operations += 1
+            codes = set(op["responses"])
+            assert {"400", "401", "403"} <= codes, (method, path)
+            if "{" in path:
+                assert "404" in codes, (method, path)
+            if method in writes:
+                assert "409" in codes, (method, path)
+            ref = op["responses"]["400"]["content"]["application/json"]["schema"]["$ref"]
+            assert ref.endswith("/ErrorOut"), (method, path)
+    assert operations >= 30
+    components = schema["components"]["schemas"]
+    assert components["RejectInput"]["required"] == ["comment"]
+    assert "enum" in components["StrategyEnum"]
+    days = next(
+        p
+        for p in schema["paths"]["/api/endpoints/{name}/metrics"]["get"]["parameters"]
+        if p["name"] == "days"
+    )
+    assert (days["schema"]["minimum"], days["schema"]["maximum"]) == (1, 731)
+    limit = next(
+        p for p in schema["paths"]["/api/audit"]["get"]["parameters"] if p["name"] == "limit"
+    )
+    assert (limit["schema"]["minimum"], limit["schema"]["maximum"]) == (1, 1000)
