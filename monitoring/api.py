@@ -6,6 +6,7 @@ import math
 
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from knox.auth import TokenAuthentication as KnoxTokenAuthentication
 from rest_framework import authentication, permissions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -58,7 +59,7 @@ class FeedbackApi(ApiView):
     authentication_classes = [
         ApiKeyAuthentication,
         authentication.SessionAuthentication,
-        authentication.TokenAuthentication,
+        KnoxTokenAuthentication,
     ]
     permission_classes = [IsClientOrPersona]
 
