@@ -142,6 +142,7 @@ class ServingApp:
             content_type=headers.get("content-type", ""),
             content_length=headers.get("content-length", ""),
             inference_id=headers.get("x-inference-id", ""),
+            client=(scope.get("client") or ("",))[0] or "",
         )
         try:
             answer = await self._invocations(meta, receive, trace)

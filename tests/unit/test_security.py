@@ -219,3 +219,52 @@ def test_templates_have_no_inline_scripts_or_handlers():
         offenders += [f"{path.name}: {m}" for m in re.findall(r"\son[a-z]+\s*=", text)]
         offenders += [f"{path.name}: javascript:" for _ in re.findall(r"javascript:", text)]
     assert offenders == []
+
+
+# --- /metrics, ping, serving keys -------------------------------------------------------------
+
+
+def test_metrics_needs_an_allowed_network_or_the_scrape_token(client, settings, db):
+    settings.METRICS_SCRAPE_TOKEN = "scrape-secret"
+    settings.METRICS_ALLOWED_NETWORKS = ["10.1.0.0/16"]
+    outside = {"REMOTE_ADDR": "192.0.2.7"}
+    assert client.get("/metrics", **outside).status_code == 403
+    wrong = client.get("/metrics", headers={"Authorization": "Bearer nope"}, **outside)
+    assert wrong.status_code == 403
+    token = client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"}, **outside)
+    assert token.status_code == 200 and b"rollgate_serving" in token.content
+    assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 200
+    # The default: loopback only, and no token unless one is set.
+    settings.METRICS_SCRAPE_TOKEN = ""
+    settings.METRICS_ALLOWED_NETWORKS = ["127.0.0.1/32", "::1/128"]
+    assert client.get("/metrics", REMOTE_ADDR="::1").status_code == 200
+    assert (
+        client.get("/metrics", headers={"Authorization": "Bearer "}, **outside).status_code == 403
+    )
+
+
+def test_repeated_wrong_serving_keys_are_throttled_per_address(client, settings, db):
+    from rollouts.serving import invocation as inv
+
+    settings.SERVING_BAD_KEY_LIMIT = 3
+    settings.SERVING_BAD_KEY_WINDOW_S = 60
+
+    class Routes:
+        endpoint_id = 1
+
+    class Lookups(inv.Lookups):
+        def routes(self, endpoint):
+            return Routes()
+
+        def key(self, key_hash):
+            return None
+
+    def attempt(client_address: str) -> inv.Answer:
+        meta = inv.Meta("POST", "ep", "Bearer rg_wrong", "", "", "", client=client_address)
+        return inv.admit(meta, inv.Trace(), Lookups())
+
+    assert [attempt("192.0.2.1").status for _ in range(3)] == [401, 401, 401]
+    throttled = attempt("192.0.2.1")
+    assert throttled.status == 429
+    assert dict(throttled.headers)["Retry-After"].isdigit()
+    assert attempt("192.0.2.2").status == 401  # another address is not affected
