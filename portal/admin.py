@@ -26,3 +26,35 @@ class TeamAdmin(admin.ModelAdmin):
     list_display = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     filter_horizontal = ["members"]
+
+
+# --- security (issue 9): API tokens -----------------------------------------------------------
+# knox's own admin lets an admin create a token for any user (and so act as them); ours only
+# lists tokens (digest prefix, owner, expiry) and revokes them through the audited service.
+from knox.models import AuthToken  # noqa: E402
+
+from portal import tokens as _tokens  # noqa: E402
+
+if admin.site.is_registered(AuthToken):
+    admin.site.unregister(AuthToken)
+
+
+@admin.register(AuthToken)
+class AuthTokenAdmin(admin.ModelAdmin):
+    list_display = ("token_key", "user", "created", "expiry")
+    search_fields = ("token_key", "user__username")
+    fields = ("token_key", "user", "created", "expiry")
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def delete_model(self, request, obj):
+        _tokens.api_token_revoke(token=obj, actor=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for token in queryset.select_related("user"):
+            _tokens.api_token_revoke(token=token, actor=request.user)

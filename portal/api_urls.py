@@ -1,5 +1,6 @@
-"""Every route under ``/api/``. Authentication: a session or ``Authorization: Token <key>``
-(DRF tokens of people); ``/api/feedback`` also takes a client's serving API key."""
+"""Every route under ``/api/``. Authentication: a session or ``Authorization: Token <token>``
+(knox tokens of people, from ``POST /api/auth/token``); ``/api/feedback`` also takes a client's
+serving API key."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
 from monitoring import api as monitoring_api
-from portal import api
+from portal import api, auth_api
 from registry import api as registry_api
 
 urlpatterns = [
     path("schema", SpectacularAPIView.as_view(), name="api-schema"),
+    # API tokens of people
+    path("auth/token", auth_api.TokenLoginApi.as_view(), name="api-auth-token"),
+    path("auth/logout", auth_api.TokenLogoutApi.as_view(), name="api-auth-logout"),
+    path("auth/logoutall", auth_api.TokenLogoutAllApi.as_view(), name="api-auth-logoutall"),
     # registry
     path("models", registry_api.ModelListApi.as_view(), name="api-models"),
     path("models/<str:name>", registry_api.ModelDetailApi.as_view(), name="api-model"),

@@ -39,7 +39,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django.contrib.humanize",
     "rest_framework",
-    "rest_framework.authtoken",
+    "knox",
+    "axes",
+    "csp",
     "drf_spectacular",
     "django_htmx",
     "portal",
@@ -58,6 +60,9 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "csp.middleware.CSPMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login's answer into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "portal.urls"
@@ -134,7 +139,7 @@ DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="rollgate@localhost")
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
+        "knox.auth.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -144,7 +149,7 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Rollgate API",
     "DESCRIPTION": (
         "Model registry, deployment requests and approvals, environments, endpoints, API keys, "
-        "teams and the audit trail. Authenticate with a session or `Authorization: Token <key>`."
+        "teams and the audit trail. Authenticate with a session or `Authorization: Token <token>` (from `POST /api/auth/token`)."
     ),
     "VERSION": "0.1.0",
     # The schema describes every route and who may call it: for signed-in users only.
@@ -284,3 +289,84 @@ CELERY_BEAT_SCHEDULE["match-pending-feedback"] = {
     "task": "monitoring.tasks.match_pending_feedback",
     "schedule": env.float("FEEDBACK_PENDING_MATCH_S", default=30.0),
 }
+# --- security (issue 9) ---
+from datetime import timedelta  # noqa: E402 - kept inside this block
+
+from csp.constants import NONE, SELF  # noqa: E402
+
+# API tokens of people (django-rest-knox): stored as a SHA-512 digest, shown once, expire.
+API_TOKEN_TTL_HOURS = env.float("API_TOKEN_TTL_HOURS", default=24.0)
+REST_KNOX = {
+    "TOKEN_TTL": timedelta(hours=API_TOKEN_TTL_HOURS) if API_TOKEN_TTL_HOURS > 0 else None,
+    "AUTO_REFRESH": False,
+    "AUTH_HEADER_PREFIX": "Token",
+}
+# Per process (the default cache): a first brake on POST /api/auth/token. The lockout that
+# holds across processes and replicas is django-axes's, in the database, below.
+REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"] = {
+    "auth-token": env.str("API_TOKEN_LOGIN_RATE", default="30/minute"),
+}
+
+# Brute force (django-axes): after LOGIN_FAILURE_LIMIT failed logins for one username from one
+# address, that pair is locked out for LOGIN_COOLOFF_MINUTES (login page, admin, token API).
+LOGIN_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
+LOGIN_COOLOFF_MINUTES = env.float("LOGIN_COOLOFF_MINUTES", default=15.0)
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_ENABLED = env.bool("AXES_ENABLED", default=True)
+AXES_FAILURE_LIMIT = LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_COOLOFF_MINUTES)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_HTTP_RESPONSE_CODE = 429
+AXES_VERBOSE = False
+# Wrong serving keys: an address that sent this many invalid keys within the window gets 429
+# until the window ends (rollouts.serving.throttle; counted in the cache like the rate limit).
+SERVING_BAD_KEY_LIMIT = env.int("SERVING_BAD_KEY_LIMIT", default=20)
+SERVING_BAD_KEY_WINDOW_S = env.int("SERVING_BAD_KEY_WINDOW_S", default=60)
+
+# HTTPS, from the environment; `manage.py check --deploy` is clean with the production values
+# listed in the README (Production).
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+# Scoring, health and scrape routes stay reachable over plain HTTP inside the cluster.
+SECURE_REDIRECT_EXEMPT = [r"^serving/", r"^health$", r"^ping$", r"^metrics$"]
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+_proxy_ssl_header = env.str("SECURE_PROXY_SSL_HEADER", default="")
+if _proxy_ssl_header:  # "HTTP_X_FORWARDED_PROTO,https"
+    _name, _, _value = _proxy_ssl_header.partition(",")
+    if not _value:
+        raise ImproperlyConfigured("SECURE_PROXY_SSL_HEADER is 'HEADER_NAME,value'.")
+    SECURE_PROXY_SSL_HEADER = (_name.strip(), _value.strip())
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+# Content-Security-Policy (django-csp 4): no inline script anywhere; scripts are static files.
+# Styles allow 'unsafe-inline': plotly and htmx inject style elements and attributes.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF, "'unsafe-inline'"],
+        "img-src": [SELF, "data:", "blob:"],
+        "font-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [SELF],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
+
+# /metrics: anonymous scrapes from these networks, or anyone with the bearer scrape token.
+METRICS_SCRAPE_TOKEN = env.str("METRICS_SCRAPE_TOKEN", default="")
+METRICS_ALLOWED_NETWORKS = env.list(
+    "METRICS_ALLOWED_NETWORKS", default=["127.0.0.1/32", "::1/128"]
+)

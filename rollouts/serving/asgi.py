@@ -120,6 +120,7 @@ class ServingApp:
             content_type=headers.get("content-type", ""),
             content_length=headers.get("content-length", ""),
             inference_id=headers.get("x-inference-id", ""),
+            client=(scope.get("client") or ("",))[0] or "",
         )
         body = _Body(receive)
         try:

@@ -37,6 +37,7 @@ from django.utils import timezone
 from registry.mlflow_client import RegistryError
 from rollouts.models import PredictionLog, ServingError
 from rollouts.services import api_key_hash
+from rollouts.serving import throttle
 from rollouts.serving.batching import positive_class_scorer
 from rollouts.serving.metrics import observe
 from rollouts.serving.runtime import (
@@ -86,6 +87,7 @@ class Meta:
     content_type: str
     content_length: str
     inference_id: str
+    client: str = ""  # the client's address, for the wrong-key throttle
 
 
 @dataclass
@@ -203,11 +205,22 @@ def _admit(meta: Meta, trace: Trace, lookups: Lookups) -> Admitted | Answer:
         return _unauthenticated(
             "Send the endpoint's API key as 'Authorization: Bearer <key>'.", trace
         )
+    if (retry_after := throttle.blocked(meta.client)) is not None:
+        return error(
+            429,
+            "RATE_LIMITED",
+            "Too many invalid API keys from this address; try again later.",
+            trace,
+            [("Retry-After", str(retry_after))],
+        )
     key = lookups.key(api_key_hash(token.strip()))
     if key is None:
+        throttle.count_failure(meta.client)
         return _unauthenticated("The API key is not valid or has been revoked.", trace)
-    if routes.endpoint_id not in key.endpoint_ids:
-        return _unauthenticated("The API key is not allowed to call this endpoint.", trace)
+    if routes.endpoint_id not in key.endpoint_ids:  # a valid key, out of its scope
+        return error(
+            403, "PERMISSION_DENIED", "The API key is not allowed to call this endpoint.", trace
+        )
     if (retry_after := rate_limited(key)) is not None:
         return error(
             429,

@@ -13,16 +13,21 @@ the error rates that monitoring shows.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
+
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from rollouts.services import api_key_hash
 from rollouts.serving import invocation as inv
 from rollouts.serving.logbuffer import log_buffer
 from rollouts.serving.metrics import exposition
 from rollouts.serving.runtime import (  # noqa: F401 - tests patch them
     LookupUnavailable,
     batcher,
+    keys,
     model_cache,
     router,
 )
@@ -45,6 +50,7 @@ def invocations(request: HttpRequest, endpoint: str) -> HttpResponse:
         content_type=request.META.get("CONTENT_TYPE", ""),
         content_length=request.META.get("CONTENT_LENGTH") or "",
         inference_id=request.headers.get("X-Inference-Id", ""),
+        client=request.META.get("REMOTE_ADDR", ""),
     )
     try:
         answer = _invocations(request, meta, trace)
@@ -98,15 +104,51 @@ def _invocations(request: HttpRequest, meta: inv.Meta, trace: inv.Trace) -> inv.
     return inv.scored(admitted, parsed, predictions, scores, trace)
 
 
+def _scrape_allowed(request: HttpRequest) -> bool:
+    """A bearer ``METRICS_SCRAPE_TOKEN``, or a client address in ``METRICS_ALLOWED_NETWORKS``."""
+    token = settings.METRICS_SCRAPE_TOKEN
+    scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+    if token and scheme.lower() == "bearer" and hmac.compare_digest(sent.strip(), token):
+        return True
+    try:
+        address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    return any(address in network for network in _allowed_networks())
+
+
+def _allowed_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [
+        ipaddress.ip_network(cidr.strip(), strict=False)
+        for cidr in settings.METRICS_ALLOWED_NETWORKS
+        if cidr.strip()
+    ]
+
+
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus text format: request counts, latencies, batch sizes, by endpoint and version."""
+    """Prometheus text format: request counts, latencies, batch sizes, by endpoint and version.
+
+    It names every team's models and versions, so only for a scraper that sends
+    ``Authorization: Bearer <METRICS_SCRAPE_TOKEN>`` or calls from ``METRICS_ALLOWED_NETWORKS``
+    (default the loopback addresses); 403 otherwise."""
+    if not _scrape_allowed(request):
+        return JsonResponse(
+            {
+                "error_code": "PERMISSION_DENIED",
+                "message": "Send the scrape token as 'Authorization: Bearer <token>'.",
+            },
+            status=403,
+        )
     body, content_type = exposition()
     return HttpResponse(body, content_type=content_type)
 
 
 def ping(request: HttpRequest, endpoint: str) -> HttpResponse:
     """200 once the endpoint has a live version, 503 before (or while the routing table
-    cannot be read fresh), 404 for an unknown endpoint."""
+    cannot be read fresh), 404 for an unknown endpoint.
+
+    Only ``{"status": ...}`` without a key; the live versions and their weights only for a
+    valid API key of this endpoint (``Authorization: Bearer <key>``)."""
     try:
         routes = router.get(endpoint)
     except LookupUnavailable:
@@ -123,6 +165,8 @@ def ping(request: HttpRequest, endpoint: str) -> HttpResponse:
         )
     if not routes.routes:
         return JsonResponse({"status": "not ready", "message": "no live version"}, status=503)
+    if not _key_of(request, routes.endpoint_id):
+        return JsonResponse({"status": "ok"})
     return JsonResponse(
         {
             "status": "ok",
@@ -132,6 +176,15 @@ def ping(request: HttpRequest, endpoint: str) -> HttpResponse:
             ],
         }
     )
+
+
+def _key_of(request: HttpRequest, endpoint_id: int) -> bool:
+    """Whether the request carries a valid API key allowed to call ``endpoint_id``."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    grant = keys.get(api_key_hash(token.strip()))
+    return grant is not None and endpoint_id in grant.endpoint_ids
 
 
 def health(request: HttpRequest) -> HttpResponse:

@@ -12,10 +12,10 @@ import mlflow
 import pytest
 import requests
 from django.conf import settings
-from rest_framework.authtoken.models import Token
 from sklearn.metrics import accuracy_score
 
 from monitoring.rollups import rollups_refresh
+from portal.tokens import api_token_create
 from registry.demo_models import breast_cancer_split
 from registry.models import ModelVersion
 from rollouts.models import Deployment, DeploymentRequest, Environment, GateResult, PredictionLog
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, serializ
 
 def _api(live_server, user) -> requests.Session:
     session = requests.Session()
-    session.headers["Authorization"] = f"Token {Token.objects.get_or_create(user=user)[0].key}"
+    session.headers["Authorization"] = f"Token {api_token_create(user=user, actor=None)[1]}"
     session.base = live_server.url
     return session
 

@@ -8,10 +8,10 @@ import io
 
 import pytest
 from django.contrib.auth.models import Group
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from portal.models import AuditEvent, Team
+from portal.tokens import api_token_create
 from registry import mlflow_client
 from rollouts import services
 from rollouts.models import (
@@ -470,14 +470,14 @@ def test_audit_csv(api, synced, awaiting_review, manager, outsider):
 
 def test_token_authentication(synced, awaiting_review, data_scientist, reviewer):
     req = awaiting_review(synced[0], "staging")
-    token = Token.objects.create(user=reviewer)
+    _, raw = api_token_create(user=reviewer, actor=None)
     client = APIClient(enforce_csrf_checks=True)
     assert client.get("/api/requests").status_code == 403  # no credentials
     client.credentials(HTTP_AUTHORIZATION="Token not-a-token")
     refused = client.get("/api/requests")
     # 403 rather than 401: session authentication comes first and sends no challenge.
     assert refused.status_code == 403 and refused.json()["detail"] == "Invalid token."
-    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {raw}")
     assert [r["id"] for r in client.get("/api/requests").json()] == [req.pk]
     # No CSRF token is needed with token authentication.
     response = client.post(f"/api/requests/{req.pk}/approve", {"comment": "ok"}, format="json")

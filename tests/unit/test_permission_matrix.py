@@ -126,13 +126,17 @@ EXEMPT: dict[str, str] = {
     # The serving data plane answers client applications, not personas: an API key per
     # endpoint (``Authorization: Bearer``), covered route by route in test_serving_api.py.
     "serving:invocations": "API key of a client application; tests/unit/test_serving_api.py",
-    "serving:ping": "per-endpoint readiness probe of the serving API, public as MLflow's /ping",
+    "serving:ping": "readiness probe: up/down only without the endpoint's key; test_serving_api.py",
     "health": "load-balancer probe, public as MLflow's scoring server /health",
     "ping": "load-balancer probe, public as MLflow's scoring server /ping",
     "version": "MLflow version for clients, public as MLflow's scoring server /version",
     # MLflow's registry calls it, authenticated by the HMAC signature of each delivery.
-    "metrics": "Prometheus scrape target of the serving data plane, like MLflow's server metrics",
+    "metrics": "Prometheus scrape: METRICS_SCRAPE_TOKEN or METRICS_ALLOWED_NETWORKS; test_security",
     "registry:webhook": "HMAC-signed MLflow deliveries; tests/integration/test_webhooks.py",
+    # API tokens of people: login by password (any user), logout by token; test_security.py.
+    "api-auth-token": "username+password -> token, axes lockout; tests/unit/test_security.py",
+    "api-auth-logout": "knox token of the caller only; tests/unit/test_security.py",
+    "api-auth-logoutall": "knox token of the caller only; tests/unit/test_security.py",
 }
 
 # Allowed writes that leave no audit event of their own: the session, a sync sent on commit

@@ -550,7 +550,8 @@ def test_revoked_key_is_401(client, live, rows, expected):
     _assert_rejected(response, 401, "UNAUTHENTICATED", "not valid or has been revoked")
 
 
-def test_key_scoped_to_another_endpoint_is_401(client, live, rows, synced):
+def test_key_scoped_to_another_endpoint_is_403(client, live, rows, synced):
+    """A valid key outside its scope is authenticated but not allowed: 403, not 401."""
     v1, _ = synced
     production = services.endpoint_for(model_version=v1, environment=_environment("production"))
     _, other_key = services.api_key_create(
@@ -559,7 +560,7 @@ def test_key_scoped_to_another_endpoint_is_401(client, live, rows, synced):
 
     response = _post(client, live, _split(rows), key=other_key)
 
-    _assert_rejected(response, 401, "UNAUTHENTICATED", "not allowed to call this endpoint")
+    _assert_rejected(response, 403, "PERMISSION_DENIED", "not allowed to call this endpoint")
 
 
 def test_endpoint_without_live_version_is_503(client, synced, rows):
@@ -612,7 +613,16 @@ def test_ping_is_503_until_a_version_is_live_then_200(client, synced, deploy):
     after = client.get(url)
 
     assert after.status_code == 200
-    assert after.json() == {
+    # Without a key, up or down only: no model names or versions.
+    assert after.json() == {"status": "ok"}
+    _, key = services.api_key_create(name="prod-client", endpoints=[endpoint], created_by=None)
+    keyed = client.get(url, headers={"Authorization": f"Bearer {key}"})
+    assert keyed.json() == {
         "status": "ok",
         "versions": [{"model": REGISTERED_MODEL, "version": 1, "weight": 100}],
     }
+    # A key of another endpoint, or a wrong one, sees no more than no key.
+    staging = services.endpoint_for(model_version=v1, environment=_environment("staging"))
+    _, other = services.api_key_create(name="stg-client", endpoints=[staging], created_by=None)
+    for header in (f"Bearer {other}", "Bearer rg_wrong"):
+        assert client.get(url, headers={"Authorization": header}).json() == {"status": "ok"}

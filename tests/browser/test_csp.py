@@ -1,0 +1,71 @@
+"""The Content-Security-Policy holds in a real browser: the endpoint dashboard (plotly) and a
+request page (htmx) load with no CSP violation and no console error, and the chart draws."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from django.utils import timezone
+
+from monitoring.rollups import mark_logged_rows, rollups_refresh
+from registry import mlflow_client
+from rollouts.models import PredictionLog
+from tests.browser.test_deploy_in_browser import _log_in
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.django_db(transaction=True, serialized_rollback=True),
+]
+
+LISTEN = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation', e =>
+  window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));
+"""
+
+
+def test_dashboard_and_request_page_run_under_the_csp(
+    live_server, browser_page, synced, deploy, manager
+):
+    v1, _ = synced
+    req = deploy(v1, "staging")
+    assert req.status == "live", req.status_reason
+    columns = [c["name"] for c in v1.input_columns]
+    sample = mlflow_client.reference_sample(v1.run_id)[columns].head(100)
+    now = timezone.now()
+    rows = [
+        PredictionLog(
+            request_id=uuid.uuid4(),
+            endpoint=req.endpoint,
+            model_version=v1,
+            features=features,
+            prediction=i % 2,
+            latency_ms=4.0,
+            created_at=now,
+        )
+        for i, features in enumerate(json.loads(sample.to_json(orient="records")))
+    ]
+    PredictionLog.objects.bulk_create(rows)
+    mark_logged_rows(rows)
+    rollups_refresh()
+
+    page = browser_page
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.add_init_script(LISTEN)
+    _log_in(page, live_server.url, manager.username)
+
+    response = page.goto(f"{live_server.url}/monitoring/endpoints/{req.endpoint.name}/")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    page.wait_for_selector(".js-plotly-plot .main-svg")
+    assert page.evaluate("window.__csp") == []
+
+    response = page.goto(f"{live_server.url}/rollouts/requests/{req.pk}/")
+    assert response.status == 200
+    page.wait_for_load_state("networkidle")
+    assert page.evaluate("typeof htmx") == "object"  # htmx loaded and ran
+    assert page.evaluate("window.__csp") == []
+    assert [e for e in errors if "Content Security Policy" in e or "CSP" in e] == []
