@@ -244,3 +244,12 @@ LOGGING = {
 SERVING_LOG_DRAIN_S = env.float("SERVING_LOG_DRAIN_S", default=10.0)
 # A prediction-log row whose insert failed this many times is dropped and logged as lost.
 SERVING_LOG_MAX_ATTEMPTS = env.int("SERVING_LOG_MAX_ATTEMPTS", default=5)
+# Notifications (rollouts.notifications): an outbox row still unsent this long after it was
+# written (or after its last failed send) is sent by beat; after this many failed sends it is
+# marked failed with the error.
+NOTIFICATION_RESEND_AFTER_S = env.float("NOTIFICATION_RESEND_AFTER_S", default=60.0)
+NOTIFICATION_MAX_ATTEMPTS = env.int("NOTIFICATION_MAX_ATTEMPTS", default=5)
+CELERY_BEAT_SCHEDULE["resend-notifications"] = {
+    "task": "rollouts.tasks.resend_notifications",
+    "schedule": env.float("NOTIFICATION_RESEND_S", default=60.0),
+}
