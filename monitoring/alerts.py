@@ -885,16 +885,40 @@ def alert_recipients(endpoint: Endpoint) -> list[str]:
 
 
 def alert_notify(*, alert_id: int) -> int:
-    """E-mail an alert once (claimed through ``notified_at``); one message per recipient, as
-    ``rollouts.notifications`` does. Returns the number of messages sent.
+    """E-mail an alert once; one message per recipient, as ``rollouts.notifications`` does.
+    Returns the number of messages sent (0 when it was sent already or another worker is
+    sending it).
 
-    Raises what the mail backend raises, after releasing the claim so that a retry sends."""
-    now = timezone.now()
-    if not Alert.objects.filter(pk=alert_id, notified_at__isnull=True).update(notified_at=now):
+    The alert is marked ``notified_at`` only after the mail backend accepted the messages
+    (issue 9): marking it first would lose the e-mail for good when the worker died mid-send.
+    Two workers never send it at once: the send holds a lease on the alert
+    (:mod:`portal.leases`), which lapses if its worker dies; an unsent alert is queued again by
+    the next evaluation (:func:`alerts_evaluate`). Delivery is at least once: a worker dying
+    between the send and the mark sends it again.
+
+    Raises what the mail backend raises (``notified_at`` stays empty)."""
+    from portal import leases
+
+    name = f"alert-notify:{alert_id}"
+    holder = leases.new_holder()
+    if not leases.lease_acquire(name=name, holder=holder, ttl=timedelta(minutes=5)):
         return 0
-    alert = Alert.objects.select_related(
-        "rule", "endpoint__registered_model", "endpoint__environment", "model_version"
-    ).get(pk=alert_id)
+    try:
+        return _alert_send(alert_id)
+    finally:
+        leases.lease_release(name=name, holder=holder)
+
+
+def _alert_send(alert_id: int) -> int:
+    alert = (
+        Alert.objects.select_related(
+            "rule", "endpoint__registered_model", "endpoint__environment", "model_version"
+        )
+        .filter(pk=alert_id, notified_at__isnull=True)
+        .first()
+    )
+    if alert is None:
+        return 0
     recipients = alert_recipients(alert.endpoint)
     link = f"{settings.SITE_URL.rstrip('/')}{alert.get_absolute_url()}"
     subject = (
@@ -909,11 +933,9 @@ def alert_notify(*, alert_id: int) -> int:
         f"{alert.window_end:%Y-%m-%d %H:%M} UTC\n{action}\nAcknowledge it at {link}\n"
     )
     messages = [(subject, body, settings.DEFAULT_FROM_EMAIL, [address]) for address in recipients]
-    try:
-        return send_mass_mail(messages, fail_silently=False) if messages else 0
-    except Exception:
-        Alert.objects.filter(pk=alert_id, notified_at=now).update(notified_at=None)
-        raise
+    sent = send_mass_mail(messages, fail_silently=False) if messages else 0
+    Alert.objects.filter(pk=alert_id, notified_at__isnull=True).update(notified_at=timezone.now())
+    return sent
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from knox.auth import TokenAuthentication as KnoxTokenAuthentication
 from rest_framework import authentication, permissions, serializers
 from rest_framework.request import Request

@@ -370,3 +370,12 @@ METRICS_SCRAPE_TOKEN = env.str("METRICS_SCRAPE_TOKEN", default="")
 METRICS_ALLOWED_NETWORKS = env.list(
     "METRICS_ALLOWED_NETWORKS", default=["127.0.0.1/32", "::1/128"]
 )
+# Notifications (rollouts.notifications): an outbox row still unsent this long after it was
+# written (or after its last failed send) is sent by beat; after this many failed sends it is
+# marked failed with the error.
+NOTIFICATION_RESEND_AFTER_S = env.float("NOTIFICATION_RESEND_AFTER_S", default=60.0)
+NOTIFICATION_MAX_ATTEMPTS = env.int("NOTIFICATION_MAX_ATTEMPTS", default=5)
+CELERY_BEAT_SCHEDULE["resend-notifications"] = {
+    "task": "rollouts.tasks.resend_notifications",
+    "schedule": env.float("NOTIFICATION_RESEND_S", default=60.0),
+}

@@ -456,3 +456,41 @@ class ServingError(models.Model):
 
     def __str__(self) -> str:
         return f"{self.status_code} {self.error_code} on {self.endpoint_id}"
+
+
+class NotificationOutbox(models.Model):
+    """An e-mail owed to people about a deployment request: the transactional outbox.
+
+    Written in the same transaction as the state change it reports
+    (:func:`rollouts.notifications.notification_record`), so a broker that is down when the
+    transaction commits cannot lose it: the Celery task sends it and marks it ``sent``; beat
+    (``rollouts.tasks.resend_notifications``) sends the rows still pending a minute later, under
+    a lease per row. After ``NOTIFICATION_MAX_ATTEMPTS`` failed sends a row is ``failed``, with
+    the error. Task bookkeeping, like leases: it writes no audit event.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        SENT = "sent", "sent"
+        FAILED = "failed", "failed"
+
+    request = models.ForeignKey(
+        DeploymentRequest, on_delete=models.CASCADE, related_name="notifications"
+    )
+    event = models.CharField(max_length=32, help_text="awaiting_review, or a key of notifications.REQUESTER_EVENTS")
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True
+    )
+    attempts = models.PositiveSmallIntegerField(default=0, help_text="failed sends so far")
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    messages = models.PositiveIntegerField(default=0, help_text="e-mails sent")
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+        indexes = [models.Index(fields=["status", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"#{self.request_id} {self.event} ({self.status})"

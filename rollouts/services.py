@@ -109,10 +109,11 @@ def _audit(
 
 
 def _notify(request_id: int, event: str) -> None:
-    """Queue the e-mail for ``event`` once the transaction commits."""
-    from rollouts import tasks
+    """Owe the e-mail for ``event``: an outbox row in this transaction, sent after commit
+    (and by beat when the broker was down; see :mod:`rollouts.notifications`)."""
+    from rollouts.notifications import notification_record
 
-    enqueue_on_commit(tasks.send_request_notification, request_id, event)
+    notification_record(request_id=request_id, event=event)
 
 
 def endpoint_for(*, model_version: ModelVersion, environment: Environment) -> Endpoint:

@@ -57,7 +57,15 @@ def redispatch_stalled() -> int:
     return len(services.deployment_requests_redispatch())
 
 
-@shared_task(autoretry_for=(OSError,), retry_backoff=10, max_retries=3)
+@shared_task
 def send_request_notification(request_id: int, event: str) -> int:
-    """E-mail the people an event concerns; returns how many messages were sent."""
-    return notifications.send(request_id=request_id, event=event)
+    """E-mail the people an event concerns (its outbox rows, sent once); returns how many
+    messages were sent. A failed send is retried by ``resend_notifications``, not here."""
+    return notifications.notifications_deliver_for(request_id=request_id, event=event)
+
+
+@shared_task
+def resend_notifications() -> int:
+    """Periodic (beat, ``NOTIFICATION_RESEND_S``): send the notifications still unsent a
+    minute after they were recorded (the broker was down, or the mail server failed)."""
+    return len(notifications.notifications_resend())
