@@ -68,7 +68,7 @@ from portal.roles import (
 )
 from portal.tasking import enqueue_on_commit
 from registry.models import ModelVersion
-from rollouts.models import Endpoint
+from rollouts.models import Deployment, Endpoint
 from rollouts.selectors import endpoints_visible_to
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,65 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def endpoint_feature_names(endpoint: Endpoint) -> tuple[list[str], str]:
+    """The input column names a drift rule on ``endpoint`` may watch, and where they come from.
+
+    Read from the signatures of the versions live on the endpoint (what drift is computed
+    for); with nothing live, from every version of its registered model (a rule may be set up
+    before the first release). Returns (sorted names, a phrase naming the source); the list is
+    empty when none of those signatures names its columns (tensor or missing signatures).
+    """
+    live = list(
+        ModelVersion.objects.filter(
+            deployments__endpoint=endpoint, deployments__status=Deployment.Status.LIVE
+        ).distinct()
+    )
+    if live:
+        versions, source = live, "the live version's signature"
+        if len(live) > 1:
+            source = "the live versions' signatures"
+    else:
+        versions = list(
+            ModelVersion.objects.filter(registered_model_id=endpoint.registered_model_id)
+        )
+        source = "the model's signatures"
+    names = {
+        col["name"]
+        for version in versions
+        for col in version.input_columns
+        if isinstance(col, dict) and isinstance(col.get("name"), str)
+    }
+    return sorted(names), source
+
+
+def _check_feature(rule: AlertRule, errors: dict[str, str]) -> None:
+    """A drift rule on one feature must name an input column of the model (else it could
+    never fire, and would look like a safeguard that is not there)."""
+    if (
+        not rule.feature
+        or rule.kind != AlertKind.DRIFT
+        or not rule.endpoint_id
+        or "feature" in errors
+    ):
+        return
+    names, source = endpoint_feature_names(rule.endpoint)
+    if not names:
+        errors["feature"] = (
+            f"{rule.endpoint} has no signature that names its input columns, so no single "
+            "feature can be watched; leave the feature empty to watch the dataset's drift."
+        )
+    elif rule.feature not in names:
+        shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
+        errors["feature"] = (
+            f"{rule.feature!r} is not an input of {rule.endpoint}: {source} has {shown}."
+        )
+
+
 def alert_rule_validate(rule: AlertRule) -> None:
-    """Check a rule's settings as a whole. Raises ValidationError keyed by field."""
+    """Check a rule's settings as a whole, including (drift on one feature) that the feature is
+    an input column of the endpoint's model (:func:`endpoint_feature_names`).
+
+    Raises ValidationError keyed by field."""
     errors: dict[str, str] = {}
     if rule.kind not in AlertKind.values:
         errors["kind"] = f"Unknown kind {rule.kind!r}; one of {', '.join(AlertKind.values)}."
@@ -166,6 +223,7 @@ def alert_rule_validate(rule: AlertRule) -> None:
         errors["threshold"] = "A latency threshold is a positive number of milliseconds."
     if rule.feature and rule.kind != AlertKind.DRIFT:
         errors["feature"] = "Only drift rules watch a single feature."
+    _check_feature(rule, errors)
     if not (isinstance(rule.window_hours, int) and 1 <= rule.window_hours <= MAX_WINDOW_HOURS):
         errors["window_hours"] = f"The evaluation window is 1 to {MAX_WINDOW_HOURS} hours."
     if not (isinstance(rule.min_samples, int) and rule.min_samples >= 1):

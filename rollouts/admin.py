@@ -1,9 +1,9 @@
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 
-from portal.audit import audit_record
 from rollouts import services
 from rollouts.models import (
     ApiKey,
@@ -15,11 +15,38 @@ from rollouts.models import (
 )
 
 
+class EnvironmentForm(forms.ModelForm):
+    """Validates the environment whole (``services.environment_policy_validate``) before the
+    admin saves anything, so that a bad policy is a field error and nothing of it is saved."""
+
+    class Meta:
+        model = Environment
+        fields = ["name", "description", "order", *Environment.POLICY_FIELDS]
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        candidate = Environment(
+            pk=self.instance.pk,
+            name=data.get("name", self.instance.name),
+            **{f: data.get(f) for f in ("description", "order", *Environment.POLICY_FIELDS)},
+        )
+        changed = None if self.instance.pk is None else set(self.changed_data)
+        try:
+            services.environment_policy_validate(candidate, changed=changed)
+        except ValidationError as exc:
+            for name, errors in exc.message_dict.items():
+                self.add_error(name if name in self.fields else None, errors)
+        return data
+
+
 @admin.register(Environment)
 class EnvironmentAdmin(admin.ModelAdmin):
-    """Platform admins edit approval policies here; a change is saved (and audited) by
-    ``services.environment_policy_update``."""
+    """Platform admins edit approval policies here; a change is validated whole and saved (and
+    audited) by ``services.environment_create`` / ``services.environment_policy_update``."""
 
+    form = EnvironmentForm
     list_display = [
         "name",
         "order",
@@ -34,28 +61,36 @@ class EnvironmentAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         return ["name"] if obj else []
 
+    def has_delete_permission(self, request, obj=None):
+        return False  # endpoints and the promotion path refer to it; the audit names it
+
     def save_model(self, request, obj, form, change):
+        editable = ("description", "order", *Environment.POLICY_FIELDS)
         if not change:
-            super().save_model(request, obj, form, change)
-            audit_record(
+            saved = services.environment_create(
                 actor=request.user,
-                action="environment.created",
-                obj=obj,
-                environment=obj.name,
-                after=obj.policy(),
+                fields={"name": form.cleaned_data["name"]}
+                | {f: form.cleaned_data[f] for f in editable},
             )
+            obj.pk = saved.pk
             return
-        policy_changes = {
-            f: form.cleaned_data[f] for f in Environment.POLICY_FIELDS if f in form.changed_data
-        }
-        Environment.objects.filter(pk=obj.pk).update(description=obj.description, order=obj.order)
-        if policy_changes:
-            try:
-                services.environment_policy_update(
-                    environment_id=obj.pk, actor=request.user, changes=policy_changes
-                )
-            except ValidationError as exc:
-                messages.error(request, " ".join(exc.messages))
+        services.environment_policy_update(
+            environment_id=obj.pk,
+            actor=request.user,
+            changes={f: form.cleaned_data[f] for f in editable if f in form.changed_data},
+        )
+
+    def save_related(self, request, form, formsets, change):
+        pass  # no relations of its own beyond the policy's foreign keys, saved above
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        env = Environment.objects.filter(pk=object_id).first() if object_id.isdigit() else None
+        if env is not None and request.method == "GET":
+            from rollouts.selectors import approval_policy_problem
+
+            if problem := approval_policy_problem(env):
+                messages.warning(request, problem)
+        return super().change_view(request, object_id, form_url, extra_context)
 
 
 @admin.register(FreezeWindow)

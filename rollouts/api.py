@@ -112,6 +112,21 @@ class DeploymentRequestDetailOut(DeploymentRequestOut):
     def get_approver_group(self, req: DeploymentRequest) -> str:
         return services.approver_group_name(req.endpoint.environment)
 
+    policy_problem = serializers.SerializerMethodField()
+
+    def get_policy_problem(self, req: DeploymentRequest) -> str:
+        """Why this undecided request cannot get its approvals (the approver group shrank
+        after it was opened), or ``""``."""
+        if req.status not in DeploymentRequest.UNDECIDED:
+            return ""
+        return selectors.approval_policy_problem(
+            req.endpoint.environment,
+            requester=req.requester,
+            approved_by={
+                r.reviewer_id for r in req.reviews.all() if r.decision == Review.Decision.APPROVE
+            },
+        )
+
 
 def _visible(request: Request, request_id: int) -> DeploymentRequest:
     """The request with its reviews, comments and gate results; 404 when not visible."""
@@ -302,6 +317,11 @@ class EnvironmentOut(serializers.Serializer):
     gates = serializers.ListField(child=serializers.CharField())
     metric_tolerance = serializers.FloatField()
     request_expiry_days = serializers.IntegerField()
+    policy_problem = serializers.SerializerMethodField()
+
+    def get_policy_problem(self, env: Environment) -> str:
+        """Why no request could meet this policy today (membership shrank), or ``""``."""
+        return selectors.approval_policy_problem(env)
 
 
 class FreezeWindowOut(serializers.Serializer):

@@ -69,6 +69,11 @@ def run_gates(
 ) -> GateRun:
     """Run ``gates`` (names from ``ALL_GATES``, run in that order) on ``candidate``.
 
+    ``champion`` is the version live on the target endpoint (``rollouts.services.champion_of``),
+    None only when nothing is live there. The champion gates pass "with no champion to compare
+    with" only then; a candidate that is itself the champion fails them (there is nothing to
+    release, and comparing it with itself would prove nothing).
+
     ``metric_tolerance`` is the largest drop (absolute, in metric units) of any gated metric
     below the champion's that still passes. Never raises for a faulty model: every failure is a
     failed gate with its reason.
@@ -155,9 +160,22 @@ def _predicts_on_example(candidate: ModelVersion, state: dict[str, Any]) -> Gate
     )
 
 
+def _is_champion(name: str, candidate: ModelVersion, champion: ModelVersion) -> GateOutcome | None:
+    if champion.pk != candidate.pk:
+        return None
+    return GateOutcome(
+        name,
+        False,
+        f"v{candidate.version} is the live champion itself; there is nothing to compare or release",
+        {"champion": champion.version},
+    )
+
+
 def _signature_compatible(candidate: ModelVersion, champion: ModelVersion | None) -> GateOutcome:
     if champion is None:
         return GateOutcome(SIGNATURE_COMPATIBLE, True, "no live champion to compare with")
+    if (same := _is_champion(SIGNATURE_COMPATIBLE, candidate, champion)) is not None:
+        return same
     if not candidate.signature:
         return GateOutcome(SIGNATURE_COMPATIBLE, False, "the candidate has no signature")
     diff = signature_diff(champion.signature, candidate.signature)
@@ -180,6 +198,8 @@ def _metrics_within_tolerance(
 ) -> GateOutcome:
     if champion is None:
         return GateOutcome(METRICS_WITHIN_TOLERANCE, True, "no live champion to compare with")
+    if (same := _is_champion(METRICS_WITHIN_TOLERANCE, candidate, champion)) is not None:
+        return same
     rows = []
     failures = []
     for row in metric_rows(candidate.metrics, champion.metrics):

@@ -6,9 +6,16 @@ from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import Prefetch, Q, QuerySet
 
 from portal.models import AuditEvent
-from portal.roles import can_review
+from portal.roles import REVIEWERS, can_review
 from registry.selectors import registered_models_visible_to
-from rollouts.models import Comment, Deployment, DeploymentRequest, Endpoint, Review
+from rollouts.models import (
+    Comment,
+    Deployment,
+    DeploymentRequest,
+    Endpoint,
+    Environment,
+    Review,
+)
 
 
 def deployment_requests_visible_to(user: User | AnonymousUser) -> QuerySet[DeploymentRequest]:
@@ -90,3 +97,54 @@ def traffic_timeline(endpoint: Endpoint) -> list[dict[str, object]]:
             {"start": event.created_at, "end": end, "traffic": traffic, "actor": event.actor_label}
         )
     return rows
+
+
+def eligible_approvers(
+    environment: Environment, *, requester: User | None = None
+) -> QuerySet[User]:
+    """The active members of the environment's approver group (the reviewers group when it has
+    none), less ``requester``: who could approve one of its requests."""
+    name = environment.approver_group.name if environment.approver_group_id else REVIEWERS
+    users = User.objects.filter(groups__name=name, is_active=True).distinct()
+    return users.exclude(pk=requester.pk) if requester is not None else users
+
+
+def approval_policy_problem(
+    environment: Environment,
+    *,
+    requester: User | None = None,
+    approved_by: set[int] | frozenset[int] = frozenset(),
+) -> str:
+    """Why the environment's approval policy cannot be met, or ``""`` when it can.
+
+    Counts the distinct people who could give the ``required_approvals``: the active members
+    of the approver group, less ``requester`` (who never approves their own request), plus
+    those who already approved it (``approved_by``, user ids: their approval stands even if they
+    left the group). Without ``requester`` it judges the policy itself (refused on save); with
+    one, a request (warned about on its page when membership shrank after it was opened).
+    """
+    name = environment.approver_group.name if environment.approver_group_id else REVIEWERS
+    required = environment.required_approvals
+    people = set(eligible_approvers(environment, requester=requester).values_list("pk", flat=True))
+    count = len(people | set(approved_by))
+    needs = f"{environment.name} needs {required} distinct approval{'s' if required != 1 else ''}"
+    if requester is not None:
+        if count >= required:
+            return ""
+        return (
+            f"{needs} from {name!r}, but only {count} "
+            f"{'person' if count == 1 else 'people'} other than the requester can approve: this "
+            "request cannot be approved until a platform admin adds approvers or lowers the "
+            "requirement."
+        )
+    if count == 0:
+        return (
+            f"The approver group {name!r} has no active members, so no {environment.name} "
+            "request could ever be approved."
+        )
+    if count < required:
+        return (
+            f"{needs} but {name!r} has only {count} active member{'s' if count != 1 else ''}, "
+            "so no request could ever be approved."
+        )
+    return ""

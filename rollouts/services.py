@@ -56,6 +56,10 @@ class SeparationOfDutiesError(PermissionDenied):
     """The requester of a deployment tried to review it (HTTP 403)."""
 
 
+class AlreadyLive(Conflict):
+    """The version is already live on the endpoint: there is nothing to deploy (HTTP 409)."""
+
+
 class ArtifactChanged(Conflict):
     """The version's artifacts no longer match the digest its gates checked (HTTP 409)."""
 
@@ -148,6 +152,17 @@ def champion_of(endpoint: Endpoint) -> ModelVersion | None:
     return live.model_version if live else None
 
 
+def _check_not_live(model_version: ModelVersion, endpoint: Endpoint) -> None:
+    """Raises AlreadyLive when ``model_version`` serves on ``endpoint``: a request for it would
+    deploy nothing, and its champion gates would compare it with itself."""
+    if Deployment.objects.filter(
+        endpoint=endpoint, model_version=model_version, status=Deployment.Status.LIVE
+    ).exists():
+        raise AlreadyLive(
+            f"{model_version} is already live on {endpoint.name}; there is nothing to deploy."
+        )
+
+
 @transaction.atomic
 def deployment_request_create(
     *,
@@ -166,6 +181,7 @@ def deployment_request_create(
         ValidationError: unknown strategy, empty justification, a version MLflow has not marked
             READY, the promotion path not followed (e.g. production before staging), or an open
             request for the same version and endpoint.
+        AlreadyLive: the version is already live on that endpoint (409).
     """
     from rollouts import tasks
 
@@ -201,6 +217,7 @@ def deployment_request_create(
     # select_for_update() that matches no open request locks nothing, so without this two
     # requests could both pass the duplicate check below.
     Endpoint.objects.select_for_update().get(pk=endpoint.pk)
+    _check_not_live(model_version, endpoint)
     open_request = DeploymentRequest.objects.filter(
         model_version=model_version, endpoint=endpoint, status__in=DeploymentRequest.ACTIVE
     ).first()
@@ -276,9 +293,10 @@ def deployment_request_run_gates(*, request_id: int) -> DeploymentRequest:
     if req.status != Status.PENDING_GATES:
         return req
     env = req.endpoint.environment
+    # The champion is whatever is live, even the candidate itself (it went live by another
+    # road after this request was opened, e.g. a rollback): the gates then fail, never pass
+    # "for lack of a champion".
     champion = champion_of(req.endpoint)
-    if champion is not None and champion.pk == req.model_version_id:
-        champion = None  # re-deploying the live version: nothing to compare with
     try:
         run = gates.run_gates(
             req.model_version, champion, gates=env.gates, metric_tolerance=env.metric_tolerance
@@ -398,6 +416,7 @@ def _approve(
             "review can be approved."
         )
     _check_not_reviewed(req, reviewer)
+    _check_not_live(req.model_version, req.endpoint)  # went live by a rollback meanwhile
     if current_digest != req.artifact_digest:
         raise ArtifactChanged(
             f"The artifacts of {req.model_version} changed after its gates ran "
@@ -540,25 +559,19 @@ def deployment_requests_expire(*, now: datetime | None = None) -> list[int]:
     return expired
 
 
-@transaction.atomic
-def environment_policy_update(
-    *, environment_id: int, actor: User, changes: dict[str, object]
-) -> Environment:
-    """Change an environment's approval policy (fields of ``Environment.POLICY_FIELDS``), with
-    one audit event holding the policy before and after.
+def environment_policy_validate(env: Environment, *, changed: set[str] | None = None) -> None:
+    """Check an environment (saved or not) with its policy as a whole, before anything of it is
+    saved: known gates, a promotion path that does not loop, field ranges, and an approval
+    policy that can be met (``selectors.approval_policy_problem``).
 
-    Raises: PermissionDenied (not a platform admin), ValidationError (unknown field, unknown
-    gate, value out of range, a promotion path that loops).
+    The last is checked when ``required_approvals`` or ``approver_group`` is in ``changed``
+    (None: a new environment, every field), so that a later unrelated edit is not refused
+    because membership shrank meanwhile; that case is warned about on the pages instead.
+
+    Raises: ValidationError keyed by field.
     """
-    if not is_platform_admin(actor):
-        raise PermissionDenied("Only platform admins can change approval policies.")
-    env = Environment.objects.select_for_update().get(pk=environment_id)
-    unknown = sorted(set(changes) - set(Environment.POLICY_FIELDS))
-    if unknown:
-        raise ValidationError({field: "Not a policy field." for field in unknown})
-    before = env.policy()
-    for field, value in changes.items():
-        setattr(env, field, value)
+    from rollouts.selectors import approval_policy_problem
+
     bad_gates = (
         sorted(set(env.gates) - set(gates.ALL_GATES))
         if isinstance(env.gates, list)
@@ -567,7 +580,7 @@ def environment_policy_update(
     if bad_gates:
         raise ValidationError(
             {
-                "gates": f"Unknown gate(s): {', '.join(bad_gates)}; known: {', '.join(gates.ALL_GATES)}."
+                "gates": f"Unknown gate(s): {', '.join(map(str, bad_gates))}; known: {', '.join(gates.ALL_GATES)}."
             }
         )
     seen, step = {env.pk}, env.requires_live_in
@@ -576,17 +589,87 @@ def environment_policy_update(
             raise ValidationError({"requires_live_in": "The promotion path would loop."})
         seen.add(step.pk)
         step = step.requires_live_in
-    env.full_clean()
+    env.full_clean(validate_unique=env.pk is None)
+    if changed is None or {"required_approvals", "approver_group"} & changed:
+        problem = approval_policy_problem(env)
+        if problem:
+            field = "approver_group" if "no active members" in problem else "required_approvals"
+            raise ValidationError({field: problem})
+
+
+@transaction.atomic
+def environment_create(*, actor: User, fields: dict[str, object]) -> Environment:
+    """Create an environment (``name``, ``description``, ``order`` and policy fields), fully
+    validated before it is saved, with one audit event.
+
+    Raises: PermissionDenied (not a platform admin), ValidationError (as
+    :func:`environment_policy_validate`, or a taken name).
+    """
+    if not is_platform_admin(actor):
+        raise PermissionDenied("Only platform admins can create environments.")
+    allowed = {"name", "description", "order", *Environment.POLICY_FIELDS}
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ValidationError({field: "Not an environment field." for field in unknown})
+    env = Environment(**fields)
+    environment_policy_validate(env)
     env.save()
+    audit_record(
+        actor=actor,
+        action="environment.created",
+        obj=env,
+        environment=env.name,
+        after={"description": env.description, "order": env.order, **env.policy()},
+    )
+    return env
+
+
+@transaction.atomic
+def environment_policy_update(
+    *, environment_id: int, actor: User, changes: dict[str, object]
+) -> Environment:
+    """Change an environment's approval policy (fields of ``Environment.POLICY_FIELDS``) and
+    its ``description`` and ``order``, all or nothing, with one audit event holding the values
+    before and after. Nothing is saved unless the whole result validates.
+
+    Raises: PermissionDenied (not a platform admin), ValidationError (unknown field, unknown
+    gate, value out of range, a promotion path that loops, an approval policy that cannot be
+    met: more required approvals than active members of the approver group, or none).
+    """
+    if not is_platform_admin(actor):
+        raise PermissionDenied("Only platform admins can change approval policies.")
+    env = Environment.objects.select_for_update().get(pk=environment_id)
+    editable = {*Environment.POLICY_FIELDS, "description", "order"}
+    unknown = sorted(set(changes) - editable)
+    if unknown:
+        raise ValidationError({field: "Not a policy field." for field in unknown})
+
+    def snapshot() -> dict[str, object]:
+        return {"description": env.description, "order": env.order, **env.policy()}
+
+    before = snapshot()
+    for field, value in changes.items():
+        setattr(env, field, value)
+    environment_policy_validate(env, changed=set(changes))
+    after = snapshot()
+    changed = [k for k in after if after[k] != before[k]]
+    env.save()
+    # Policy fields are always recorded whole (readers compare policies); the rest only when
+    # they changed.
+    extra = [k for k in ("description", "order") if k in changed]
     audit_record(
         actor=actor,
         action="environment.policy_changed",
         obj=env,
         environment=env.name,
-        before=before,
-        after=env.policy(),
+        before={**_policy_part(before), **{k: before[k] for k in extra}},
+        after={**env.policy(), **{k: after[k] for k in extra}},
     )
     return env
+
+
+def _policy_part(snapshot: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in snapshot.items() if k in Environment.POLICY_FIELDS}
 
 
 @transaction.atomic

@@ -139,6 +139,14 @@ def _detail_context(request: HttpRequest, req: DeploymentRequest, **extra) -> di
         "required_approvals": env.required_approvals,
         "approver_group": services.approver_group_name(env),
         "freeze": env.active_freeze(now),
+        # Membership may have shrunk since the policy was saved: say so before anyone waits.
+        "policy_problem": selectors.approval_policy_problem(
+            env,
+            requester=req.requester,
+            approved_by={r.reviewer_id for r in reviews if r.decision == Review.Decision.APPROVE},
+        )
+        if req.status in DeploymentRequest.UNDECIDED
+        else "",
         "can_decide": (
             req.status == DeploymentRequest.Status.AWAITING_REVIEW
             and in_approver_group

@@ -24,6 +24,7 @@ from rollouts.models import (
     Review,
 )
 from tests.conftest import REGISTERED_MODEL, TEAM
+from tests.factories import UserFactory
 
 Status = DeploymentRequest.Status
 MODEL = REGISTERED_MODEL
@@ -277,6 +278,8 @@ def test_environments_list_their_policies(api, manager):
 
 def test_platform_admin_patches_a_policy_by_names(api, platform_admin, reviewer):
     managers = Group.objects.get_or_create(name="managers")[0]
+    for name in ("carol", "heidi", "ivan"):  # three approvals need three approvers
+        UserFactory(username=name, roles=["managers"])
     url = "/api/environments/production"
     change = {"required_approvals": 3, "approver_group": "managers", "requires_live_in": None}
     assert api.as_(reviewer).patch(url, change).status_code == 403

@@ -19,6 +19,7 @@ from registry.models import RegisteredModel
 from rollouts import services
 from rollouts.models import DeploymentRequest, Environment
 from tests.conftest import REGISTERED_MODEL
+from tests.factories import UserFactory
 
 Status = DeploymentRequest.Status
 OTHER_MODEL = "fraud-detector"
@@ -124,7 +125,10 @@ def test_every_governance_action_writes_one_event(history):
     assert audit_verify().intact
 
 
-def test_policy_changes_are_audited_with_before_and_after(db, platform_admin, reviewer):
+def test_policy_changes_are_audited_with_before_and_after(
+    db, platform_admin, reviewer, second_reviewer
+):
+    UserFactory(username="grace", roles=["reviewers"])  # three approvals need three reviewers
     staging = Environment.objects.get(name="staging")
     with pytest.raises(PermissionDenied):
         services.environment_policy_update(
