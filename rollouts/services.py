@@ -162,8 +162,8 @@ def deployment_request_create(
 
     Raises:
         PermissionDenied: the user is not a data scientist of the model's team.
-        ValidationError: unknown strategy, empty justification, a version MLflow has not marked
-            READY, the promotion path not followed (e.g. production before staging), or an open
+        ValidationError: unknown strategy, empty justification, a version deleted in MLflow or
+            not marked READY, the promotion path not followed (e.g. production before staging), or an open
             request for the same version and endpoint.
     """
     from rollouts import tasks
@@ -177,6 +177,13 @@ def deployment_request_create(
         raise ValidationError({"strategy": f"Unknown strategy {strategy!r}."})
     if not justification.strip():
         raise ValidationError({"justification": "Say why this version should be deployed."})
+    if model_version.deleted_at is not None:
+        raise ValidationError(
+            {
+                "model_version": f"{model_version} was deleted in MLflow "
+                f"({model_version.deleted_at:%Y-%m-%d %H:%M} UTC); it cannot be deployed."
+            }
+        )
     if model_version.status != "READY":
         raise ValidationError(
             {

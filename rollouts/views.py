@@ -266,6 +266,7 @@ def endpoint_timeline(request: HttpRequest, name: str) -> HttpResponse:
         {
             "endpoint": endpoint,
             "timeline": list(reversed(selectors.traffic_timeline(endpoint))),
+            "deleted_live": selectors.live_deployments_of_deleted_versions(endpoint),
             "can_roll_back": can_review(request.user) or is_platform_admin(request.user),
         },
     )
@@ -287,6 +288,7 @@ def endpoint_rollback(request: HttpRequest, name: str) -> HttpResponse:
             {
                 "endpoint": endpoint,
                 "timeline": list(reversed(selectors.traffic_timeline(endpoint))),
+                "deleted_live": selectors.live_deployments_of_deleted_versions(endpoint),
                 "can_roll_back": True,
                 "error": error,
             },
