@@ -476,14 +476,25 @@ def deployment_request_reject(
 
 @transaction.atomic
 def deployment_request_cancel(*, request_id: int, actor: User) -> DeploymentRequest:
-    """The requester withdraws a request before its deployment starts.
+    """The requester (or a platform admin) withdraws a request before it goes live, also one
+    stuck in ``deploying`` (its worker died): its deployment, never live, is marked failed, and a
+    deploy task still running finds the request cancelled and promotes nothing
+    (``_deployment_promote`` re-checks the status under the row lock).
 
-    Raises: PermissionDenied (not the requester), InvalidTransition (already deploying or done).
+    Raises: PermissionDenied (neither the requester nor a platform admin), InvalidTransition
+    (already live or done).
     """
     req = _locked_request(request_id)
-    if req.requester_id != actor.pk:
-        raise PermissionDenied("Only the requester can cancel a request.")
-    old = _transition(req, Status.CANCELLED, reason=f"cancelled by {actor.get_username()}")
+    if req.requester_id != actor.pk and not is_platform_admin(actor):
+        raise PermissionDenied("Only the requester or a platform admin can cancel a request.")
+    reason = f"cancelled by {actor.get_username()}"
+    old = _transition(req, Status.CANCELLED, reason=reason)
+    if old == Status.DEPLOYING:
+        Deployment.objects.filter(request=req).exclude(status=Deployment.Status.LIVE).update(
+            status=Deployment.Status.FAILED, failure_reason=reason, traffic_weight=0
+        )
+        req.deploy_lease_until = None
+        req.save(update_fields=["deploy_lease_until", "updated_at"])
     _audit(req, "request.cancelled", actor, before={"status": old}, after={"status": req.status})
     return req
 

@@ -145,7 +145,7 @@ def _detail_context(request: HttpRequest, req: DeploymentRequest, **extra) -> di
             and req.requester_id != user.pk
             and not any(r.reviewer_id == user.pk for r in reviews)
         ),
-        "can_cancel": req.requester_id == user.pk
+        "can_cancel": (req.requester_id == user.pk or is_platform_admin(user))
         and DeploymentRequest.Status.CANCELLED in DeploymentRequest.TRANSITIONS[req.status],
         "can_resubmit": req.requester_id == user.pk
         and req.status in DeploymentRequest.RESUBMITTABLE,
