@@ -84,6 +84,7 @@ def endpoint_dashboard(request: HttpRequest, name: str) -> HttpResponse:
         "monitoring/endpoint.html",
         {
             "endpoint": endpoint,
+            "deleted_live": rollout_selectors.live_deployments_of_deleted_versions(endpoint),
             "range": rng,
             "windows": selectors.WINDOWS,
             "versions": result.versions,

@@ -60,6 +60,9 @@ class VersionSummaryOut(serializers.Serializer):
     aliases = serializers.ListField(child=serializers.CharField())
     metrics = serializers.DictField(child=serializers.FloatField())
     mlflow_created_at = serializers.DateTimeField(allow_null=True)
+    deleted_at = serializers.DateTimeField(
+        allow_null=True, help_text="when it was deleted in MLflow; null while it exists"
+    )
 
 
 class ModelDetailApi(ApiView):
@@ -85,6 +88,7 @@ class ModelDetailApi(ApiView):
                 "aliases": _aliases_of(model, v.version),
                 "metrics": v.metrics,
                 "mlflow_created_at": v.mlflow_created_at,
+                "deleted_at": v.deleted_at,
             }
             for v in model.versions.order_by("-version")
         ]
@@ -116,6 +120,9 @@ class ModelVersionOut(serializers.Serializer):
     aliases = serializers.SerializerMethodField()
     mlflow_created_at = serializers.DateTimeField(allow_null=True)
     synced_at = serializers.DateTimeField()
+    deleted_at = serializers.DateTimeField(
+        allow_null=True, help_text="when it was deleted in MLflow; null while it exists"
+    )
 
     def get_aliases(self, mv: ModelVersion) -> list[str]:
         return _aliases_of(mv.registered_model, mv.version)

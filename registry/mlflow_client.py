@@ -70,8 +70,27 @@ def _ts(millis: int | None) -> datetime | None:
     return datetime.fromtimestamp(millis / 1000, tz=UTC) if millis else None
 
 
-def _model_uri(name: str, version: int) -> str:
-    return f"models:/{name}/{int(version)}"
+def _download_uri(client, name: str, version: int) -> str:
+    """Where the version's artifacts are, asked through the client API with the name as a plain
+    argument. Never a ``models:/<name>/<version>`` URI: MLflow allows names that such a URI
+    misreads (``demo@prod`` is read as the alias ``prod`` of ``demo``), and never a filter
+    string with the name in it (a quote in ``o'neil-model`` breaks it)."""
+    return client.get_model_version_download_uri(name, str(int(version)))
+
+
+#: How many rows one search page asks for (MLflow's own limit for registered models is 1,000).
+PAGE_SIZE = 1000
+
+
+def _pages(search, **kwargs):
+    """Every item of a paged MLflow search (``search(max_results=..., page_token=...)``)."""
+    token = None
+    while True:
+        page = search(max_results=PAGE_SIZE, page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def _configure() -> None:
@@ -82,7 +101,7 @@ def _configure() -> None:
 
 
 def list_registered_models() -> list[RegisteredModelInfo]:
-    """Every registered model with its versions (without run details).
+    """Every registered model with its versions (without run details), whatever their names.
 
     Raises:
         RegistryError: MLflow is unreachable or answered with an error.
@@ -91,9 +110,11 @@ def list_registered_models() -> list[RegisteredModelInfo]:
 
     client = _client()
     try:
-        models = []
-        for rm in client.search_registered_models(max_results=1000):
-            versions = [
+        # All versions of all models in one paged search with no filter string, grouped here:
+        # no model name is ever spliced into a filter (see _download_uri).
+        by_name: dict[str, list[VersionInfo]] = {}
+        for mv in _pages(client.search_model_versions):
+            by_name.setdefault(mv.name, []).append(
                 VersionInfo(
                     name=mv.name,
                     version=int(mv.version),
@@ -104,19 +125,19 @@ def list_registered_models() -> list[RegisteredModelInfo]:
                     tags=dict(mv.tags or {}),
                     created_at=_ts(mv.creation_timestamp),
                 )
-                for mv in client.search_model_versions(f"name = '{rm.name}'", max_results=10000)
-            ]
-            models.append(
-                RegisteredModelInfo(
-                    name=rm.name,
-                    description=rm.description or "",
-                    tags=dict(rm.tags or {}),
-                    aliases={alias: int(v) for alias, v in (rm.aliases or {}).items()},
-                    created_at=_ts(rm.creation_timestamp),
-                    updated_at=_ts(rm.last_updated_timestamp),
-                    versions=sorted(versions, key=lambda v: v.version),
-                )
             )
+        models = [
+            RegisteredModelInfo(
+                name=rm.name,
+                description=rm.description or "",
+                tags=dict(rm.tags or {}),
+                aliases={alias: int(v) for alias, v in (rm.aliases or {}).items()},
+                created_at=_ts(rm.creation_timestamp),
+                updated_at=_ts(rm.last_updated_timestamp),
+                versions=sorted(by_name.get(rm.name, []), key=lambda v: v.version),
+            )
+            for rm in _pages(client.search_registered_models)
+        ]
         return models
     except MlflowException as exc:
         raise RegistryError(str(exc)) from exc
@@ -130,19 +151,18 @@ def version_details(base: VersionInfo) -> VersionInfo:
     Raises:
         RegistryError: the version or its run cannot be read.
     """
-    import mlflow.models
     from mlflow.exceptions import MlflowException
 
     _configure()
     client = _client()
     try:
-        storage_location = client.get_model_version_download_uri(base.name, str(base.version))
+        storage_location = _download_uri(client, base.name, base.version)
         metrics: dict[str, float] = {}
         params: dict[str, str] = {}
         if base.run_id:
             run = client.get_run(base.run_id)
             metrics, params = dict(run.data.metrics), dict(run.data.params)
-        info = mlflow.models.get_model_info(_model_uri(base.name, base.version))
+        info = _model_info(storage_location)
         signature = None
         if info.signature is not None:
             raw = info.signature.to_dict()
@@ -166,6 +186,20 @@ def version_details(base: VersionInfo) -> VersionInfo:
             "flavors": sorted(info.flavors),
         }
     )
+
+
+def _model_info(storage_location: str):
+    """The version's ``MLmodel`` (an ``mlflow.models.Model``), read from its artifact location.
+    ``mlflow.models.get_model_info`` is not used: it misses the file behind a ``file://``
+    location (MLflow 3.17), and a ``models:/`` URI misreads some names (see _download_uri)."""
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{storage_location.rstrip('/')}/MLmodel", dst_path=tmp
+        )
+        return Model.load(path)
 
 
 def _serving_input_example(storage_location: str) -> dict[str, Any] | None:
@@ -201,7 +235,7 @@ def artifact_digest(name: str, version: int) -> str:
         try:
             root = Path(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=_model_uri(name, version), dst_path=tmp
+                    artifact_uri=_download_uri(_client(), name, version), dst_path=tmp
                 )
             )
         except (MlflowException, OSError) as exc:
@@ -227,7 +261,7 @@ def load_pyfunc(name: str, version: int):
 
     _configure()
     try:
-        return mlflow.pyfunc.load_model(_model_uri(name, version))
+        return mlflow.pyfunc.load_model(_download_uri(_client(), name, version))
     except MlflowException as exc:
         raise RegistryError(f"cannot load {name} v{version}: {exc}") from exc
     except Exception as exc:  # a flavor's loader can raise anything (unpickling, skops, ...)

@@ -28,6 +28,13 @@ class RegisteredModel(models.Model):
     mlflow_created_at = models.DateTimeField(null=True, blank=True)
     mlflow_updated_at = models.DateTimeField(null=True, blank=True)
     synced_at = models.DateTimeField()
+    deleted_at = models.DateTimeField(
+        null=True, blank=True, help_text="when a sync found the model gone from MLflow"
+    )
+    sync_error = models.TextField(
+        blank=True, help_text="why the last sync could not mirror (part of) this model"
+    )
+    sync_error_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -59,6 +66,11 @@ class ModelVersion(models.Model):
     params = models.JSONField(default=dict, blank=True)
     mlflow_created_at = models.DateTimeField(null=True, blank=True)
     synced_at = models.DateTimeField()
+    deleted_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="when a sync found the version gone from MLflow; it can no longer be requested",
+    )
 
     class Meta:
         ordering = ["registered_model__name", "-version"]
@@ -73,6 +85,10 @@ class ModelVersion(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("registry:version", args=[self.registered_model.name, self.version])
+
+    @property
+    def is_deleted(self) -> bool:
+        return self.deleted_at is not None
 
     @property
     def input_columns(self) -> list[dict]:

@@ -29,8 +29,10 @@ def model_versions_visible_to(user: User | AnonymousUser) -> QuerySet[ModelVersi
 def registered_models_list(
     user: User | AnonymousUser, *, search: str = "", team: str = ""
 ) -> QuerySet[RegisteredModel]:
+    present = Q(versions__deleted_at__isnull=True)
     qs = registered_models_visible_to(user).annotate(
-        version_count=Count("versions"), latest_version=Max("versions__version")
+        version_count=Count("versions", filter=present),
+        latest_version=Max("versions__version", filter=present),
     )
     if search:
         qs = qs.filter(Q(name__icontains=search) | Q(description__icontains=search))
@@ -42,3 +44,8 @@ def registered_models_list(
 def model_version_get(user: User | AnonymousUser, *, name: str, version: int) -> ModelVersion:
     """Raises ModelVersion.DoesNotExist, also when ``user`` may not see it."""
     return model_versions_visible_to(user).get(registered_model__name=name, version=version)
+
+
+def registered_models_with_sync_errors(user: User | AnonymousUser) -> QuerySet[RegisteredModel]:
+    """The visible models the last sync could not (fully) mirror, with ``sync_error``."""
+    return registered_models_visible_to(user).exclude(sync_error="").order_by("name")

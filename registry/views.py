@@ -37,6 +37,7 @@ def catalog(request: HttpRequest) -> HttpResponse:
             "q": search,
             "team": team,
             "teams": Team.objects.order_by("name"),
+            "sync_problems": selectors.registered_models_with_sync_errors(request.user),
         },
     )
 

@@ -178,7 +178,9 @@ class DeploymentRequest(models.Model):
             {Status.APPROVED, Status.REJECTED, Status.CANCELLED, Status.EXPIRED}
         ),
         Status.APPROVED: frozenset({Status.DEPLOYING, Status.CANCELLED}),
-        Status.DEPLOYING: frozenset({Status.LIVE, Status.FAILED}),
+        # Cancelling a deploy stuck in deploying (its worker died) frees the version at once;
+        # a deploy task still running then finds the request cancelled and promotes nothing.
+        Status.DEPLOYING: frozenset({Status.LIVE, Status.FAILED, Status.CANCELLED}),
         Status.LIVE: frozenset({Status.SUPERSEDED, Status.ROLLED_BACK}),
         # A rollback restores the release that the rolled-back one had superseded.
         Status.SUPERSEDED: frozenset({Status.LIVE}),

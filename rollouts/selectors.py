@@ -80,6 +80,19 @@ def endpoints_with_live_versions(
     return [(e, e.live_deployments) for e in endpoints]
 
 
+def live_deployments_of_deleted_versions(endpoint: Endpoint) -> list[Deployment]:
+    """Live deployments on ``endpoint`` whose model version was deleted in MLflow since
+    (``ModelVersion.deleted_at``, set by the registry sync). They keep serving from the copy
+    each serving process loaded until a person acts; the endpoint pages say so."""
+    return list(
+        endpoint.deployments.filter(
+            status=Deployment.Status.LIVE, model_version__deleted_at__isnull=False
+        )
+        .select_related("model_version")
+        .order_by("model_version__version")
+    )
+
+
 def traffic_timeline(endpoint: Endpoint) -> list[dict[str, object]]:
     """What served when: one row per traffic state of the endpoint, from the audit trail's
     ``traffic.changed`` events: ``{"start": datetime, "end": datetime | None, "traffic":

@@ -178,8 +178,8 @@ def deployment_request_create(
 
     Raises:
         PermissionDenied: the user is not a data scientist of the model's team.
-        ValidationError: unknown strategy, empty justification, a version MLflow has not marked
-            READY, the promotion path not followed (e.g. production before staging), or an open
+        ValidationError: unknown strategy, empty justification, a version deleted in MLflow or
+            not marked READY, the promotion path not followed (e.g. production before staging), or an open
             request for the same version and endpoint.
         AlreadyLive: the version is already live on that endpoint (409).
     """
@@ -194,6 +194,13 @@ def deployment_request_create(
         raise ValidationError({"strategy": f"Unknown strategy {strategy!r}."})
     if not justification.strip():
         raise ValidationError({"justification": "Say why this version should be deployed."})
+    if model_version.deleted_at is not None:
+        raise ValidationError(
+            {
+                "model_version": f"{model_version} was deleted in MLflow "
+                f"({model_version.deleted_at:%Y-%m-%d %H:%M} UTC); it cannot be deployed."
+            }
+        )
     if model_version.status != "READY":
         raise ValidationError(
             {
@@ -489,14 +496,25 @@ def deployment_request_reject(
 
 @transaction.atomic
 def deployment_request_cancel(*, request_id: int, actor: User) -> DeploymentRequest:
-    """The requester withdraws a request before its deployment starts.
+    """The requester (or a platform admin) withdraws a request before it goes live, also one
+    stuck in ``deploying`` (its worker died): its deployment, never live, is marked failed, and a
+    deploy task still running finds the request cancelled and promotes nothing
+    (``_deployment_promote`` re-checks the status under the row lock).
 
-    Raises: PermissionDenied (not the requester), InvalidTransition (already deploying or done).
+    Raises: PermissionDenied (neither the requester nor a platform admin), InvalidTransition
+    (already live or done).
     """
     req = _locked_request(request_id)
-    if req.requester_id != actor.pk:
-        raise PermissionDenied("Only the requester can cancel a request.")
-    old = _transition(req, Status.CANCELLED, reason=f"cancelled by {actor.get_username()}")
+    if req.requester_id != actor.pk and not is_platform_admin(actor):
+        raise PermissionDenied("Only the requester or a platform admin can cancel a request.")
+    reason = f"cancelled by {actor.get_username()}"
+    old = _transition(req, Status.CANCELLED, reason=reason)
+    if old == Status.DEPLOYING:
+        Deployment.objects.filter(request=req).exclude(status=Deployment.Status.LIVE).update(
+            status=Deployment.Status.FAILED, failure_reason=reason, traffic_weight=0
+        )
+        req.deploy_lease_until = None
+        req.save(update_fields=["deploy_lease_until", "updated_at"])
     _audit(req, "request.cancelled", actor, before={"status": old}, after={"status": req.status})
     return req
 

@@ -153,7 +153,7 @@ def _detail_context(request: HttpRequest, req: DeploymentRequest, **extra) -> di
             and req.requester_id != user.pk
             and not any(r.reviewer_id == user.pk for r in reviews)
         ),
-        "can_cancel": req.requester_id == user.pk
+        "can_cancel": (req.requester_id == user.pk or is_platform_admin(user))
         and DeploymentRequest.Status.CANCELLED in DeploymentRequest.TRANSITIONS[req.status],
         "can_resubmit": req.requester_id == user.pk
         and req.status in DeploymentRequest.RESUBMITTABLE,
@@ -274,6 +274,7 @@ def endpoint_timeline(request: HttpRequest, name: str) -> HttpResponse:
         {
             "endpoint": endpoint,
             "timeline": list(reversed(selectors.traffic_timeline(endpoint))),
+            "deleted_live": selectors.live_deployments_of_deleted_versions(endpoint),
             "can_roll_back": can_review(request.user) or is_platform_admin(request.user),
         },
     )
@@ -295,6 +296,7 @@ def endpoint_rollback(request: HttpRequest, name: str) -> HttpResponse:
             {
                 "endpoint": endpoint,
                 "timeline": list(reversed(selectors.traffic_timeline(endpoint))),
+                "deleted_live": selectors.live_deployments_of_deleted_versions(endpoint),
                 "can_roll_back": True,
                 "error": error,
             },

@@ -4,20 +4,26 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('rollouts', '0006_serving_error_and_scores'),
+        ("rollouts", "0006_serving_error_and_scores"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='deploymentrequest',
-            name='deploy_attempts',
-            field=models.PositiveSmallIntegerField(default=0, help_text='deploy tasks that claimed this request'),
+            model_name="deploymentrequest",
+            name="deploy_attempts",
+            field=models.PositiveSmallIntegerField(
+                default=0, help_text="deploy tasks that claimed this request"
+            ),
         ),
         migrations.AddField(
-            model_name='deploymentrequest',
-            name='deploy_lease_until',
-            field=models.DateTimeField(blank=True, db_index=True, help_text="the claiming deploy task's lease expiry", null=True),
+            model_name="deploymentrequest",
+            name="deploy_lease_until",
+            field=models.DateTimeField(
+                blank=True,
+                db_index=True,
+                help_text="the claiming deploy task's lease expiry",
+                null=True,
+            ),
         ),
     ]

@@ -7,6 +7,7 @@ import threading
 from datetime import timedelta
 
 import pytest
+from django.core.exceptions import PermissionDenied
 from django.db import connection, connections
 from django.utils import timezone
 
@@ -152,3 +153,27 @@ def test_the_task_itself_gives_up_after_too_many_attempts(deploying, settings):
     settings.DEPLOY_MAX_ATTEMPTS = 1
     _lapse(deploying)
     assert tasks.execute_deployment.apply(args=[deploying.pk]).get() == Status.FAILED
+
+
+@pytest.mark.parametrize("who", ["requester", "admin"])
+def test_a_request_stuck_in_deploying_can_be_cancelled(
+    deploying, data_scientist, platform_admin, client, who
+):
+    actor = data_scientist if who == "requester" else platform_admin
+    client.force_login(actor)
+    page = client.get(deploying.get_absolute_url()).content.decode()
+    assert "Cancel request" in page
+    services.deployment_request_cancel(request_id=deploying.pk, actor=actor)
+    deploying.refresh_from_db()
+    assert deploying.status == Status.CANCELLED
+    assert Deployment.objects.get(request=deploying).status == Deployment.Status.FAILED
+    assert AuditEvent.objects.filter(action="request.cancelled").count() == 1
+    # A deploy task that was still running promotes nothing; beat leaves it alone.
+    assert tasks.execute_deployment.apply(args=[deploying.pk]).get() == Status.CANCELLED
+    assert services.deployment_requests_redispatch(older_than=timedelta(0)) == []
+    assert not Deployment.objects.filter(status=Deployment.Status.LIVE).exists()
+
+
+def test_a_stranger_cannot_cancel_a_deploying_request(deploying, reviewer):
+    with pytest.raises(PermissionDenied):
+        services.deployment_request_cancel(request_id=deploying.pk, actor=reviewer)
