@@ -14,7 +14,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 
 from portal import tokens
-from portal.api import ApiView
+from portal.api import ApiView, ErrorOut
 
 
 class TokenLoginApi(ApiView):
@@ -38,8 +38,8 @@ class TokenLoginApi(ApiView):
         request=InputSerializer,
         responses={
             200: OutputSerializer,
-            400: OpenApiResponse(description="Wrong username or password."),
-            429: OpenApiResponse(description="Too many attempts."),
+            400: OpenApiResponse(ErrorOut, description="Wrong username or password."),
+            429: OpenApiResponse(ErrorOut, description="Too many attempts."),
         },
     )
     def post(self, request: Request) -> Response:

@@ -501,12 +501,16 @@ def deployment_request_cancel(*, request_id: int, actor: User) -> DeploymentRequ
     deploy task still running finds the request cancelled and promotes nothing
     (``_deployment_promote`` re-checks the status under the row lock).
 
-    Raises: PermissionDenied (neither the requester nor a platform admin), InvalidTransition
+    Raises: PermissionDenied (not the requester, or a platform admin of a request that is not
+    deploying), InvalidTransition
     (already live or done).
     """
     req = _locked_request(request_id)
-    if req.requester_id != actor.pk and not is_platform_admin(actor):
-        raise PermissionDenied("Only the requester or a platform admin can cancel a request.")
+    stuck = req.status == Status.DEPLOYING
+    if req.requester_id != actor.pk and not (stuck and is_platform_admin(actor)):
+        raise PermissionDenied(
+            "Only the requester can cancel a request (a platform admin too while it is deploying)."
+        )
     reason = f"cancelled by {actor.get_username()}"
     old = _transition(req, Status.CANCELLED, reason=reason)
     if old == Status.DEPLOYING:

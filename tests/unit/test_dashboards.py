@@ -699,7 +699,7 @@ def _queries(client, url, params=None) -> list[str]:
 
 #: Queries of the two pages, whatever the number of versions, windows and rollups (session,
 #: user, role groups and the page's own reads).
-PAGE_BUDGET = 10  # with the drift baselines and whether the user may choose one
+PAGE_BUDGET = 11  # with the drift baselines, whether the user may choose one, deleted live versions
 OVERVIEW_BUDGET = 13  # 12 + the grouped count of open alerts
 
 

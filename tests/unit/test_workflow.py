@@ -630,8 +630,6 @@ def test_execute_resumes_after_worker_died_mid_way(
     DeploymentRequest.objects.filter(pk=req.pk).update(
         deploy_lease_until=timezone.now() - timedelta(seconds=1)
     )
-    with pytest.raises(services.InvalidTransition):  # too late to cancel
-        services.deployment_request_cancel(request_id=req.pk, actor=data_scientist)
 
     assert tasks.execute_deployment.apply(args=[req.pk]).get() == Status.LIVE
     assert Deployment.objects.filter(request=req).count() == 1
