@@ -163,7 +163,8 @@ def synced(db, mlflow_store, team):
 
     # The MLflow store lives for the whole session: aliases set by one test's deployments
     # must not leak into the next test's mirror.
-    client = mlflow.MlflowClient(mlflow_store["tracking_uri"])
+    uri = mlflow_store["tracking_uri"]
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     for alias in client.get_registered_model(REGISTERED_MODEL).aliases:
         client.delete_registered_model_alias(REGISTERED_MODEL, alias)
     registry_sync()

@@ -63,7 +63,9 @@ def store(tmp_path_factory, django_db_blocker):
         MLFLOW_ARTIFACT_ROOT=(root / "artifacts").as_uri(),
     )
     override.enable()
-    previous = mlflow.get_tracking_uri()
+    # MLflow's process-wide URIs: both go back afterwards, or a client made later with only a
+    # tracking URI would read this store's registry.
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = mlflow.MlflowClient(uri)
@@ -78,7 +80,8 @@ def store(tmp_path_factory, django_db_blocker):
         _register(client, "plain-model")  # v2
         yield client
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
         override.disable()
 
 
