@@ -9,11 +9,13 @@ from django.core.exceptions import PermissionDenied, ValidationError
 
 from monitoring import alerts, drift
 from monitoring.models import Alert, AlertRule, DriftSettings, RetrainingRequest
+from portal.admin_audit import AuditedModelAdmin
 from portal.errors import Conflict
 
 
 @admin.register(AlertRule)
-class AlertRuleAdmin(admin.ModelAdmin):
+class AlertRuleAdmin(AuditedModelAdmin):
+    audited_by_services = True
     list_display = [
         "__str__",
         "kind",
@@ -66,7 +68,7 @@ class AlertRuleAdmin(admin.ModelAdmin):
 
 
 @admin.register(Alert)
-class AlertAdmin(admin.ModelAdmin):
+class AlertAdmin(AuditedModelAdmin):
     list_display = [
         "pk",
         "fired_at",
@@ -90,7 +92,7 @@ class AlertAdmin(admin.ModelAdmin):
 
 
 @admin.register(RetrainingRequest)
-class RetrainingRequestAdmin(admin.ModelAdmin):
+class RetrainingRequestAdmin(AuditedModelAdmin):
     list_display = ["pk", "created_at", "endpoint", "model_version", "status", "created_by"]
     list_filter = ["status"]
     actions = ["close"]
@@ -142,11 +144,12 @@ class DriftSettingsForm(forms.ModelForm):
 
 
 @admin.register(DriftSettings)
-class DriftSettingsAdmin(admin.ModelAdmin):
+class DriftSettingsAdmin(AuditedModelAdmin):
     """Drift thresholds per endpoint. Saving one is audited and has every window of the
     endpoint compared again under the new limits."""
 
     form = DriftSettingsForm
+    audited_by_services = True
     list_display = ["endpoint", "psi_warning", "psi_drift", "wasserstein", "jensen_shannon"]
 
     def save_model(self, request, obj, form, change):
@@ -154,3 +157,9 @@ class DriftSettingsAdmin(admin.ModelAdmin):
 
         super().save_model(request, obj, form, change)
         drift_settings_saved(actor=request.user, settings_row=obj, changed=form.changed_data)
+
+    def after_write(self, obj):
+        """A deleted row puts the endpoint back on the default limits: compare again."""
+        from monitoring.services import endpoint_windows_mark_stale
+
+        endpoint_windows_mark_stale(obj.endpoint_id)

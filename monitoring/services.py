@@ -429,7 +429,13 @@ def drift_settings_saved(*, actor: User, settings_row: DriftSettings, changed: l
         environment=settings_row.endpoint.environment.name,
         after={name: getattr(settings_row, name) for name in changed},
     )
-    hours = Rollup.objects.filter(
-        endpoint_id=settings_row.endpoint_id, granularity=Granularity.HOUR
-    ).values_list("model_version_id", "window_start")
-    windows_mark_stale((settings_row.endpoint_id, v, h) for v, h in hours)
+    endpoint_windows_mark_stale(settings_row.endpoint_id)
+
+
+def endpoint_windows_mark_stale(endpoint_id: int) -> None:
+    """Mark every hourly window of the endpoint stale, so the next rollup refresh compares its
+    drift again (under the thresholds now in force)."""
+    hours = Rollup.objects.filter(endpoint_id=endpoint_id, granularity=Granularity.HOUR)
+    windows_mark_stale(
+        (endpoint_id, v, h) for v, h in hours.values_list("model_version_id", "window_start")
+    )

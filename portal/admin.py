@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from django.contrib import admin
 
+from portal.admin_audit import AuditedModelAdmin
 from portal.models import AuditEvent, Team
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(AuditedModelAdmin):
     list_display = ["pk", "created_at", "actor_label", "action", "object_repr"]
     list_filter = ["action"]
     search_fields = ["object_repr", "actor_label"]
@@ -22,7 +23,7 @@ class AuditEventAdmin(admin.ModelAdmin):
 
 
 @admin.register(Team)
-class TeamAdmin(admin.ModelAdmin):
+class TeamAdmin(AuditedModelAdmin):
     list_display = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     filter_horizontal = ["members"]
@@ -40,7 +41,8 @@ if admin.site.is_registered(AuthToken):
 
 
 @admin.register(AuthToken)
-class AuthTokenAdmin(admin.ModelAdmin):
+class AuthTokenAdmin(AuditedModelAdmin):
+    audited_by_services = True
     list_display = ("token_key", "user", "created", "expiry")
     search_fields = ("token_key", "user__username")
     fields = ("token_key", "user", "created", "expiry")

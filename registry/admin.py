@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from django.contrib import admin
 
+from portal.admin_audit import AuditedModelAdmin
 from portal.audit import audit_record
 from registry.models import ModelVersion, RegisteredModel
 
 
-class ReadOnlyMirrorAdmin(admin.ModelAdmin):
+class ReadOnlyMirrorAdmin(AuditedModelAdmin):
     """The mirror is written by sync only; MLflow is the source of truth."""
 
     def has_add_permission(self, request):
@@ -21,7 +22,10 @@ class ReadOnlyMirrorAdmin(admin.ModelAdmin):
 
 @admin.register(RegisteredModel)
 class RegisteredModelAdmin(ReadOnlyMirrorAdmin):
-    """Read-only but for the owning team, which platform admins assign."""
+    """Read-only but for the owning team, which platform admins assign (audited as
+    ``registry.team_assigned``)."""
+
+    audited_by_services = True
 
     list_display = ["name", "team", "aliases", "synced_at"]
     list_filter = ["team"]

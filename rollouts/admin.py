@@ -4,6 +4,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 
+from portal.admin_audit import AuditedModelAdmin
 from rollouts import services
 from rollouts.models import (
     ApiKey,
@@ -42,11 +43,12 @@ class EnvironmentForm(forms.ModelForm):
 
 
 @admin.register(Environment)
-class EnvironmentAdmin(admin.ModelAdmin):
+class EnvironmentAdmin(AuditedModelAdmin):
     """Platform admins edit approval policies here; a change is validated whole and saved (and
     audited) by ``services.environment_create`` / ``services.environment_policy_update``."""
 
     form = EnvironmentForm
+    audited_by_services = True
     list_display = [
         "name",
         "order",
@@ -94,7 +96,8 @@ class EnvironmentAdmin(admin.ModelAdmin):
 
 
 @admin.register(FreezeWindow)
-class FreezeWindowAdmin(admin.ModelAdmin):
+class FreezeWindowAdmin(AuditedModelAdmin):
+    audited_by_services = True
     list_display = ["environment", "starts_at", "ends_at", "reason"]
     list_filter = ["environment"]
 
@@ -113,13 +116,30 @@ class FreezeWindowAdmin(admin.ModelAdmin):
 
 
 @admin.register(Endpoint)
-class EndpointAdmin(admin.ModelAdmin):
-    list_display = ["name", "environment", "registered_model", "created_at"]
+class EndpointAdmin(AuditedModelAdmin):
+    """An endpoint is made by the first request for its model in its environment; its name is
+    its URL (clients call it), so only its body limit is edited here (audited, and routing
+    reloads it)."""
+
+    list_display = ["name", "environment", "registered_model", "max_body_bytes", "created_at"]
     list_filter = ["environment"]
+    fields = ["name", "environment", "registered_model", "max_body_bytes", "created_at"]
+    readonly_fields = ["name", "environment", "registered_model", "created_at"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # deployments, predictions and the audit refer to it
+
+    def after_write(self, obj):
+        from rollouts.serving.runtime import router
+
+        router.invalidate()
 
 
 @admin.register(DeploymentRequest)
-class DeploymentRequestAdmin(admin.ModelAdmin):
+class DeploymentRequestAdmin(AuditedModelAdmin):
     """Read-only: requests change state only through the services (the portal's pages/API)."""
 
     list_display = ["pk", "model_version", "endpoint", "requester", "status", "created_at"]
@@ -141,14 +161,82 @@ class DeploymentAdmin(DeploymentRequestAdmin):
     list_filter = ["status", "endpoint"]
 
 
+class ApiKeyForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ["name", "endpoints", "rate_limit_per_minute"]
+
+    def clean(self):
+        data = super().clean()
+        if not self.errors:
+            try:
+                services.api_key_validate(
+                    data["name"], list(data["endpoints"]), data.get("rate_limit_per_minute")
+                )
+            except ValidationError as exc:
+                for name, errors in exc.message_dict.items():
+                    self.add_error(name if name in self.fields else None, errors)
+        return data
+
+
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
-    list_display = ["name", "prefix", "created_by", "created_at", "revoked_at"]
-    readonly_fields = ["prefix", "key_hash", "created_by", "created_at", "revoked_at"]
+class ApiKeyAdmin(AuditedModelAdmin):
+    """Keys are created (the plaintext shown once, on the page that follows), rescoped and
+    revoked through the audited services; never deleted, since the prediction log names them."""
+
+    form = ApiKeyForm
+    audited_by_services = True
+    list_display = ["name", "prefix", "rate_limit_per_minute", "created_by", "created_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    filter_horizontal = ["endpoints"]
+    readonly_fields = ["prefix", "created_by", "created_at", "revoked_at"]
     actions = ["revoke"]
 
-    def has_add_permission(self, request):
-        return False  # keys are created by the seed or `manage.py create_api_key`, shown once
+    def get_fields(self, request, obj=None):
+        editable = ["name", "endpoints", "rate_limit_per_minute"]
+        return editable if obj is None else [*editable, *self.readonly_fields]
+
+    def has_change_permission(self, request, obj=None):
+        allowed = super().has_change_permission(request, obj)
+        return allowed and (obj is None or obj.revoked_at is None)
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def save_model(self, request, obj, form, change):
+        fields = {f: form.cleaned_data[f] for f in ("name", "rate_limit_per_minute")}
+        endpoints = list(form.cleaned_data["endpoints"])
+        if change:
+            changes = {f: v for f, v in fields.items() if f in form.changed_data}
+            if "endpoints" in form.changed_data:
+                changes["endpoints"] = endpoints
+            services.api_key_update(key_id=obj.pk, actor=request.user, changes=changes)
+        else:
+            key, raw = services.api_key_create(
+                name=fields["name"],
+                endpoints=endpoints,
+                created_by=request.user,
+                rate_limit_per_minute=fields["rate_limit_per_minute"],
+            )
+            obj.pk, request._rollgate_new_api_key = key.pk, raw
+
+    def save_related(self, request, form, formsets, change):
+        pass  # the endpoints are set by the service, with the rest of the key
+
+    def response_add(self, request, obj, post_url_continue=None):
+        from django.template.response import TemplateResponse
+
+        return TemplateResponse(
+            request,
+            "admin/rollouts/apikey/created.html",
+            {
+                **self.admin_site.each_context(request),
+                "opts": self.opts,
+                "key": ApiKey.objects.get(pk=obj.pk),
+                "raw_key": request._rollgate_new_api_key,
+                "title": "API key created",
+            },
+        )
 
     @admin.action(description="Revoke the selected keys")
     def revoke(self, request, queryset):

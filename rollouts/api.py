@@ -428,6 +428,7 @@ class ApiKeyOut(serializers.Serializer):
     name = serializers.CharField()
     prefix = serializers.CharField()
     endpoints = serializers.SerializerMethodField()
+    rate_limit_per_minute = serializers.IntegerField(allow_null=True)
     created_by = serializers.CharField(source="created_by.username", allow_null=True)
     created_at = serializers.DateTimeField()
     revoked_at = serializers.DateTimeField(allow_null=True)
@@ -441,8 +442,9 @@ class ApiKeyCreatedOut(ApiKeyOut):
 
 
 class ApiKeyListApi(ApiView):
-    """``GET /api/api-keys``; ``POST {name, endpoints: [endpoint names]}`` creates a key and
-    returns it in plain text, once (platform admins)."""
+    """``GET /api/api-keys``; ``POST {name, endpoints: [endpoint names],
+    rate_limit_per_minute?}`` creates a key and returns it in plain text, once (platform
+    admins)."""
 
     permission_classes = [permissions.IsAuthenticated, IsPlatformAdmin]
 
@@ -450,6 +452,9 @@ class ApiKeyListApi(ApiView):
         name = serializers.CharField(max_length=100)
         endpoints = serializers.SlugRelatedField(
             slug_field="name", queryset=Endpoint.objects.all(), many=True, allow_empty=False
+        )
+        rate_limit_per_minute = serializers.IntegerField(
+            required=False, allow_null=True, min_value=1, max_value=1_000_000
         )
 
     @extend_schema(responses=ApiKeyOut(many=True))
@@ -465,6 +470,7 @@ class ApiKeyListApi(ApiView):
             name=data.validated_data["name"],
             endpoints=data.validated_data["endpoints"],
             created_by=request.user,
+            rate_limit_per_minute=data.validated_data.get("rate_limit_per_minute"),
         )
         key.key = raw
         return Response(ApiKeyCreatedOut(key).data, status=status.HTTP_201_CREATED)

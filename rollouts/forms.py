@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django import forms
 
-from rollouts.models import Environment, Strategy
+from rollouts.models import Endpoint, Environment, Strategy
 
 
 class DeploymentRequestForm(forms.Form):
@@ -18,4 +18,20 @@ class DeploymentRequestForm(forms.Form):
 class ReviewForm(forms.Form):
     comment = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 2}), required=False, max_length=4000
+    )
+
+
+class ApiKeyForm(forms.Form):
+    """A new API key: its client's name, the endpoints it may call, an optional rate limit."""
+
+    name = forms.CharField(max_length=100, help_text="the client application that will use it")
+    endpoints = forms.ModelMultipleChoiceField(
+        queryset=Endpoint.objects.select_related("environment"),
+        widget=forms.CheckboxSelectMultiple,
+    )
+    rate_limit_per_minute = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=1_000_000,
+        help_text="scoring requests per minute; empty: unlimited",
     )

@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -1041,30 +1042,102 @@ def api_key_hash(raw_key: str) -> str:
 
 
 @transaction.atomic
-def api_key_create(
-    *, name: str, endpoints: list[Endpoint], created_by: User | None
-) -> tuple[ApiKey, str]:
-    """Create a key scoped to ``endpoints``. Returns the row and the plaintext key, which is
-    shown once and never stored. ``created_by`` None is the system (seed, management command).
+def api_key_validate(
+    name: str, endpoints: list[Endpoint], rate_limit_per_minute: int | None
+) -> None:
+    """Raises ValidationError naming each bad field: a blank name, no endpoint, a rate limit
+    outside 1..1,000,000 requests a minute (None is unlimited)."""
+    errors = {}
+    if not name.strip():
+        errors["name"] = "Name the key after the client that will use it."
+    if not endpoints:
+        errors["endpoints"] = "Scope the key to at least one endpoint."
+    if rate_limit_per_minute is not None and not 1 <= rate_limit_per_minute <= 1_000_000:
+        errors["rate_limit_per_minute"] = (
+            "A rate limit is 1 to 1,000,000 requests per minute; leave it empty for none."
+        )
+    if errors:
+        raise ValidationError(errors)
 
-    Raises: PermissionDenied (a person who is not a platform admin), ValidationError (no name).
+
+def _api_key_state(key: ApiKey) -> dict[str, Any]:
+    return {
+        "name": key.name,
+        "endpoints": sorted(e.name for e in key.endpoints.all()),
+        "rate_limit_per_minute": key.rate_limit_per_minute,
+    }
+
+
+@transaction.atomic
+def api_key_create(
+    *,
+    name: str,
+    endpoints: list[Endpoint],
+    created_by: User | None,
+    rate_limit_per_minute: int | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key scoped to ``endpoints``, allowed ``rate_limit_per_minute`` scoring requests
+    a minute (None: unlimited). Returns the row and the plaintext key, which is shown once and
+    never stored. ``created_by`` None is the system (seed, management command).
+
+    Raises: PermissionDenied (a person who is not a platform admin), ValidationError (no name,
+    no endpoint, a rate limit outside 1..1,000,000).
     """
     if created_by is not None and not is_platform_admin(created_by):
         raise PermissionDenied("Only platform admins can create API keys.")
-    if not name.strip():
-        raise ValidationError({"name": "Name the key after the client that will use it."})
+    api_key_validate(name, endpoints, rate_limit_per_minute)
     raw = API_KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey.objects.create(
-        name=name.strip(), prefix=raw[:10], key_hash=api_key_hash(raw), created_by=created_by
+        name=name.strip(),
+        prefix=raw[:10],
+        key_hash=api_key_hash(raw),
+        created_by=created_by,
+        rate_limit_per_minute=rate_limit_per_minute,
     )
     key.endpoints.set(endpoints)
-    audit_record(
-        actor=created_by,
-        action="api_key.created",
-        obj=key,
-        after={"endpoints": [e.name for e in endpoints]},
-    )
+    audit_record(actor=created_by, action="api_key.created", obj=key, after=_api_key_state(key))
     return key, raw
+
+
+@transaction.atomic
+def api_key_update(*, key_id: int, actor: User | None, changes: dict[str, Any]) -> ApiKey:
+    """Change a key's ``name``, ``endpoints`` (a list of Endpoint) or ``rate_limit_per_minute``
+    (None: unlimited). Every serving process applies the change within
+    ``SERVING_ROUTE_TTL_S``; this one at once.
+
+    Raises: PermissionDenied (not a platform admin), ValidationError (an unknown field, or
+    values :func:`api_key_create` refuses), Conflict (the key is revoked).
+    """
+    if actor is not None and not is_platform_admin(actor):
+        raise PermissionDenied("Only platform admins can change API keys.")
+    unknown = set(changes) - {"name", "endpoints", "rate_limit_per_minute"}
+    if unknown:
+        raise ValidationError({f: "This field cannot be changed." for f in sorted(unknown)})
+    key = ApiKey.objects.select_for_update().get(pk=key_id)
+    if key.revoked_at is not None:
+        raise Conflict(f"The key {key} is revoked; create a new one instead.")
+    before = _api_key_state(key)
+    name = changes.get("name", key.name)
+    endpoints = list(changes.get("endpoints", key.endpoints.all()))
+    limit = changes.get("rate_limit_per_minute", key.rate_limit_per_minute)
+    api_key_validate(name, endpoints, limit)
+    key.name, key.rate_limit_per_minute = name.strip(), limit
+    key.save(update_fields=["name", "rate_limit_per_minute"])
+    key.endpoints.set(endpoints)
+    after = _api_key_state(key)
+    changed = sorted(f for f in after if after[f] != before[f])
+    if changed:
+        audit_record(
+            actor=actor,
+            action="api_key.changed",
+            obj=key,
+            before={f: before[f] for f in changed},
+            after={f: after[f] for f in changed},
+        )
+        from rollouts.serving.runtime import keys
+
+        keys.invalidate()
+    return key
 
 
 @transaction.atomic

@@ -19,6 +19,8 @@ urlpatterns = [
         name="request_override_freeze",
     ),
     path("endpoints/", views.endpoint_list, name="endpoints"),
+    path("api-keys/", views.api_key_list, name="api_keys"),
+    path("api-keys/<int:key_id>/revoke", views.api_key_revoke, name="api_key_revoke"),
     path("endpoints/<slug:name>/timeline", views.endpoint_timeline, name="endpoint_timeline"),
     path("endpoints/<slug:name>/rollback", views.endpoint_rollback, name="endpoint_rollback"),
 ]

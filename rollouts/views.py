@@ -15,8 +15,8 @@ from registry.compare import metric_rows, signature_diff
 from registry.mlflow_client import RegistryError
 from registry.models import ModelVersion
 from rollouts import selectors, services
-from rollouts.forms import DeploymentRequestForm, ReviewForm
-from rollouts.models import Deployment, DeploymentRequest, Review
+from rollouts.forms import ApiKeyForm, DeploymentRequestForm, ReviewForm
+from rollouts.models import ApiKey, Deployment, DeploymentRequest, Review
 
 
 def _visible_request(request: HttpRequest, request_id: int) -> DeploymentRequest:
@@ -304,3 +304,53 @@ def endpoint_rollback(request: HttpRequest, name: str) -> HttpResponse:
         )
     messages.success(request, f"{endpoint.name} rolled back to {restored.model_version}.")
     return redirect("rollouts:endpoint_timeline", name=endpoint.name)
+
+
+# --- API keys of client applications (platform admins) ---------------------------------------
+
+
+def _api_keys_page(request: HttpRequest, form: ApiKeyForm, status: int = 200, **extra):
+    keys = ApiKey.objects.select_related("created_by").prefetch_related("endpoints")
+    response = render(
+        request, "rollouts/api_keys.html", {"keys": keys, "form": form, **extra}, status=status
+    )
+    response["Cache-Control"] = "no-store"  # the page after a creation holds a plaintext key
+    return response
+
+
+@login_required
+def api_key_list(request: HttpRequest) -> HttpResponse:
+    """Lists every key; a POST creates one and shows its plaintext on the page it answers with,
+    once (it is never stored)."""
+    if not is_platform_admin(request.user):
+        raise PermissionDenied("Only platform admins manage API keys.")
+    if request.method != "POST":
+        return _api_keys_page(request, ApiKeyForm())
+    form = ApiKeyForm(request.POST)
+    if not form.is_valid():
+        return _api_keys_page(request, form, status=400)
+    try:
+        key, raw = services.api_key_create(
+            name=form.cleaned_data["name"],
+            endpoints=list(form.cleaned_data["endpoints"]),
+            created_by=request.user,
+            rate_limit_per_minute=form.cleaned_data["rate_limit_per_minute"],
+        )
+    except ValidationError as exc:
+        for name, errors in exc.message_dict.items():
+            form.add_error(name if name in form.fields else None, errors)
+        return _api_keys_page(request, form, status=400)
+    return _api_keys_page(request, ApiKeyForm(), status=201, created=key, raw_key=raw)
+
+
+@login_required
+@require_POST
+def api_key_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
+    if not is_platform_admin(request.user):
+        raise PermissionDenied("Only platform admins manage API keys.")
+    try:
+        key = services.api_key_revoke(key_id=key_id, actor=request.user)
+    except ApiKey.DoesNotExist:
+        raise Http404(f"No API key #{key_id}.") from None
+    messages.success(request, f"Revoked {key}: it is refused from now on.")
+    return redirect("rollouts:api_keys")

@@ -75,6 +75,11 @@ MATRIX: dict[str, dict[str, dict[str, int]]] = {
     "rollouts:endpoints": {"GET": ALL_PAGE},
     "rollouts:endpoint_timeline": {"GET": OWN_PAGE},
     "rollouts:endpoint_rollback": {"POST": S(403, 404, 302, 403, 302, 302)},
+    "rollouts:api_keys": {
+        "GET": S(403, 403, 403, 403, 200, 302),
+        "POST": S(403, 403, 403, 403, 201, 302),
+    },
+    "rollouts:api_key_revoke": {"POST": S(403, 403, 403, 403, 302, 302)},
     "monitoring:endpoint": {"GET": OWN_PAGE},
     "monitoring:alerts": {"GET": ALL_PAGE},
     "monitoring:alert": {"GET": OWN_PAGE},
@@ -280,6 +285,7 @@ def _kwargs(route: str, method: str, w: SimpleNamespace) -> dict:
         "rollouts:request_override_freeze": {"request_id": pending},
         "rollouts:endpoint_timeline": {"name": w.staging.name},
         "rollouts:endpoint_rollback": {"name": w.staging.name},
+        "rollouts:api_key_revoke": {"key_id": w.api_key.pk},
         "monitoring:endpoint": {"name": w.staging.name},
         "monitoring:alert": {"alert_id": w.alert.pk},
         "monitoring:alert_acknowledge": {"alert_id": w.alert.pk},
@@ -327,6 +333,7 @@ def _body(route: str, method: str, w: SimpleNamespace):
         "rollouts:request_comment": {"body": "a question"},
         "rollouts:request_override_freeze": {"reason": "security fix"},
         "rollouts:endpoint_rollback": {"reason": "bad predictions"},
+        "rollouts:api_keys": {"name": "crm", "endpoints": [w.staging.pk]},
         "monitoring:alert_rule_create": {
             "endpoint": w.staging.pk,
             "kind": "latency",
