@@ -120,9 +120,9 @@ def run_wrk(url: str, body: str, headers: dict[str, str], connections: int, dura
     }
 
 
-def setup_rollgate(work: Path) -> dict:
-    """Register the model in a fresh MLflow store and deploy it through the real workflow,
-    in-process (Celery eager); returns what the load needs."""
+def django_in(work: Path) -> None:
+    """Set Django up in this process on a throw-away workspace ``work`` (database, MLflow
+    store, ``var/``; Celery eager), migrated."""
     os.environ.update(
         ROLLGATE_VAR_DIR=str(work / "var"),
         SECRET_KEY=os.environ.get("SECRET_KEY", "benchmark-only-key"),
@@ -136,23 +136,37 @@ def setup_rollgate(work: Path) -> dict:
     import django
 
     django.setup()
-    from django.contrib.auth.models import Group, User
     from django.core.management import call_command
 
-    from portal.models import Team
-    from registry.demo_models import breast_cancer_split, train_and_register
-    from registry.models import ModelVersion
-    from registry.services import registry_sync
-    from rollouts import services
-    from rollouts.models import DeploymentRequest, Environment
-
     call_command("migrate", interactive=False, verbosity=0)
+
+
+def bench_personas():
+    """(data scientist of the model's team, reviewer): the users a deployment needs."""
+    from django.contrib.auth.models import Group, User
+
+    from portal.models import Team
+
     team, _ = Team.objects.get_or_create(slug="diagnostics", defaults={"name": "Diagnostics"})
     ds, _ = User.objects.get_or_create(username="bench-ds")
     ds.groups.add(Group.objects.get(name="data scientists"))
     team.members.add(ds)
     reviewer, _ = User.objects.get_or_create(username="bench-reviewer")
     reviewer.groups.add(Group.objects.get(name="reviewers"))
+    return ds, reviewer
+
+
+def setup_rollgate(work: Path) -> dict:
+    """Register the model in a fresh MLflow store and deploy it through the real workflow,
+    in-process (Celery eager); returns what the load needs."""
+    django_in(work)
+    from registry.demo_models import breast_cancer_split, train_and_register
+    from registry.models import ModelVersion
+    from registry.services import registry_sync
+    from rollouts import services
+    from rollouts.models import DeploymentRequest, Environment
+
+    ds, reviewer = bench_personas()
     version = train_and_register("logistic", MODEL)
     registry_sync()
     mv = ModelVersion.objects.get(registered_model__name=MODEL, version=version)

@@ -40,3 +40,33 @@ def browser_page():
         finally:
             browser.close()
             os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+
+
+def log_served_rows(endpoint, model_version, sample) -> list:
+    """Write one prediction-log row per row of ``sample`` (a DataFrame of real feature values)
+    as if ``model_version`` had just served it on ``endpoint``, and mark the windows for the
+    next rollup refresh. Returns the rows."""
+    import json
+    import uuid
+
+    from django.utils import timezone
+
+    from monitoring.rollups import mark_logged_rows
+    from rollouts.models import PredictionLog
+
+    now = timezone.now()
+    rows = [
+        PredictionLog(
+            request_id=uuid.uuid4(),
+            endpoint=endpoint,
+            model_version=model_version,
+            features=features,
+            prediction=i % 2,
+            latency_ms=4.0,
+            created_at=now,
+        )
+        for i, features in enumerate(json.loads(sample.to_json(orient="records")))
+    ]
+    PredictionLog.objects.bulk_create(rows)
+    mark_logged_rows(rows)
+    return rows

@@ -3,15 +3,11 @@ request page (htmx) load with no CSP violation and no console error, and the cha
 
 from __future__ import annotations
 
-import json
-import uuid
-
 import pytest
-from django.utils import timezone
 
-from monitoring.rollups import mark_logged_rows, rollups_refresh
+from monitoring.rollups import rollups_refresh
 from registry import mlflow_client
-from rollouts.models import PredictionLog
+from tests.browser.conftest import log_served_rows
 from tests.browser.test_deploy_in_browser import _log_in
 
 pytestmark = [
@@ -35,21 +31,7 @@ def test_dashboard_and_request_page_run_under_the_csp(
     assert req.status == "live", req.status_reason
     columns = [c["name"] for c in v1.input_columns]
     sample = mlflow_client.reference_sample(v1.run_id)[columns].head(100)
-    now = timezone.now()
-    rows = [
-        PredictionLog(
-            request_id=uuid.uuid4(),
-            endpoint=req.endpoint,
-            model_version=v1,
-            features=features,
-            prediction=i % 2,
-            latency_ms=4.0,
-            created_at=now,
-        )
-        for i, features in enumerate(json.loads(sample.to_json(orient="records")))
-    ]
-    PredictionLog.objects.bulk_create(rows)
-    mark_logged_rows(rows)
+    log_served_rows(req.endpoint, v1, sample)
     rollups_refresh()
 
     page = browser_page

@@ -4,16 +4,11 @@ opens the overview, clicks a drifted feature and sees its reference and current 
 
 from __future__ import annotations
 
-import json
-import uuid
-
 import pytest
-from django.utils import timezone
 
-from monitoring.rollups import mark_logged_rows, rollups_refresh
+from monitoring.rollups import rollups_refresh
 from registry import mlflow_client
-from rollouts.models import PredictionLog
-from tests.browser.conftest import SCREENSHOTS
+from tests.browser.conftest import SCREENSHOTS, log_served_rows
 from tests.browser.test_deploy_in_browser import _log_in
 
 pytestmark = [
@@ -35,21 +30,7 @@ def test_manager_opens_a_drifted_features_histograms(
     sample = mlflow_client.reference_sample(v1.run_id)[columns].head(300)
     for name in SHIFTED:
         sample[name] = sample[name] * 1.6  # a real drift episode, on real rows
-    now = timezone.now()
-    rows = [
-        PredictionLog(
-            request_id=uuid.uuid4(),
-            endpoint=req.endpoint,
-            model_version=v1,
-            features=features,
-            prediction=i % 2,
-            latency_ms=4.0,
-            created_at=now,
-        )
-        for i, features in enumerate(json.loads(sample.to_json(orient="records")))
-    ]
-    PredictionLog.objects.bulk_create(rows)
-    mark_logged_rows(rows)
+    log_served_rows(req.endpoint, v1, sample)
     assert rollups_refresh().drift_windows == 2  # the hour and its day
 
     page = browser_page
