@@ -171,6 +171,8 @@ CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 30
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+# Beat discards a schedule file it cannot read (truncated by a kill) instead of exiting.
+CELERY_BEAT_SCHEDULER = "portal.celery_beat:RecoveringScheduler"
 # A deploy task may run this long (hard limit, the worker kills it after); its claim on the
 # request lasts this plus a margin, after which beat re-dispatches it (rollouts.services).
 DEPLOY_TIME_LIMIT_S = env.int("DEPLOY_TIME_LIMIT_S", default=180)
