@@ -726,9 +726,10 @@ def freeze_window_create(
 
 
 def deploy_lease() -> timedelta:
-    """How long a deploy task's claim on a request lasts: the task's hard time limit (the
-    worker kills the task after it) plus a margin; after that the claimant is presumed dead."""
-    return timedelta(seconds=settings.DEPLOY_TIME_LIMIT_S + 30)
+    """How long a deploy task's claim on a request lasts: the task's hard time limit
+    (``DEPLOY_TIME_LIMIT_S``, the worker kills the task after it) plus
+    ``DEPLOY_LEASE_MARGIN_S``, in seconds; after that the claimant is presumed dead."""
+    return timedelta(seconds=settings.DEPLOY_TIME_LIMIT_S + settings.DEPLOY_LEASE_MARGIN_S)
 
 
 def deployment_execute(*, request_id: int) -> DeploymentRequest:
