@@ -41,6 +41,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, serializ
 Status = DeploymentRequest.Status
 #: The killed workers' claim: DEPLOY_TIME_LIMIT_S + DEPLOY_LEASE_MARGIN_S seconds.
 SHORT_LEASE = {"DEPLOY_TIME_LIMIT_S": "2", "DEPLOY_LEASE_MARGIN_S": "1"}
+#: A prefork pool enforces the time limits, the soft one (DEPLOY_TIME_LIMIT_S - 15 s) raising in
+#: the hung smoke test and failing the deploy: it must come well after the kill.
+PREFORK_LEASE = {"DEPLOY_TIME_LIMIT_S": "25", "DEPLOY_LEASE_MARGIN_S": "1"}
 
 
 def _wait_for(predicate: Callable[[], object], timeout: float, what: str, *logs: Path) -> object:
@@ -54,11 +57,34 @@ def _wait_for(predicate: Callable[[], object], timeout: float, what: str, *logs:
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
 
 
-class Worker:
-    """``celery -A portal worker -P solo`` on the test database, consuming only ``queue``, in a
-    process group of its own so that ``kill()`` takes the whole worker down at once."""
+def _pool_children(pid: int) -> set[int]:
+    """Pids of the live (not zombie) child processes of ``pid``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            except OSError:
+                continue
+            if int(ppid) == pid and state != "Z":
+                found.add(int(entry.name))
+    return found
 
-    def __init__(self, *, queue: str, broker: str, mlflow_uri: str, log: Path, **env: str):
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Worker:
+    """``celery -A portal worker -P <pool>`` on the test database, consuming only ``queue``, in
+    a process group of its own so that ``kill()`` takes the whole worker down at once."""
+
+    def __init__(
+        self, *, queue: str, broker: str, mlflow_uri: str, log: Path, pool: str, **env: str
+    ):
         self.log = log
         environ = {
             **os.environ,
@@ -78,7 +104,9 @@ class Worker:
                 "portal",
                 "worker",
                 "-P",
-                "solo",
+                pool,
+                "-c",
+                "1",
                 "-Q",
                 queue,
                 "-l",
@@ -105,18 +133,24 @@ class Worker:
         _wait_for(ready, 60, f"{self.log.stem} to start", self.log)
 
     def kill(self) -> None:
-        """SIGKILL the worker's whole process group and reap it."""
-        if self.process.poll() is None:
+        """SIGKILL the worker's whole process group and reap its main process."""
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def kill_main(self) -> None:
+        """SIGKILL the worker's main process only, and reap it."""
+        self.process.kill()
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # still in a hung task
+                pass
+        self.kill()  # and whatever of its group is left
 
 
 @pytest.fixture
@@ -146,12 +180,13 @@ def workers(mlflow_store, hanging_mlflow, tmp_path, tmp_path_factory):
     celery_app.__dict__.pop("amqp", None)  # the routing to the default queue is cached
     started: list[Worker] = []
 
-    def start(name: str, *, hang: bool, **env: str) -> Worker:
+    def start(name: str, *, hang: bool, pool: str = "solo", **env: str) -> Worker:
         worker = Worker(
             queue=queue,
             broker=broker,
             mlflow_uri=hanging_mlflow if hang else mlflow_store["tracking_uri"],
             log=tmp_path / f"{name}.log",
+            pool=pool,
             **env,
         )
         started.append(worker)
@@ -224,17 +259,31 @@ def _redispatch(workers) -> list[int]:
         return services.deployment_requests_redispatch()
 
 
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
 def test_a_deploy_whose_worker_was_killed_goes_live_once_after_redispatch(
-    synced, awaiting_review, approve, workers, data_scientist
+    synced, awaiting_review, approve, workers, data_scientist, pool
 ):
     v1, _ = synced
     req = awaiting_review(v1, "staging")
     assert req.status == Status.AWAITING_REVIEW, req.status_reason
-    hung = workers("hung-worker", hang=True, **SHORT_LEASE)
+    lease = SHORT_LEASE if pool == "solo" else PREFORK_LEASE
+    hung = workers("hung-worker", hang=True, pool=pool, **lease)
     approve(req)
     claim = _claimed(req, 1, workers)
-    assert claim.deploy_lease_until - claim.updated_at <= timedelta(seconds=4)
-    hung.kill()
+    lease_s = int(lease["DEPLOY_TIME_LIMIT_S"]) + int(lease["DEPLOY_LEASE_MARGIN_S"])
+    # The worker's own settings set its claim (updated_at is written a moment after "now").
+    assert abs(claim.deploy_lease_until - claim.updated_at - timedelta(seconds=lease_s)) < (
+        timedelta(seconds=1)
+    )
+    if pool == "solo":
+        hung.kill()
+    else:
+        # SIGKILL of the main process only: its pool process, which runs the deploy, goes
+        # with it (Celery sets PR_SET_PDEATHSIG on it), so nothing finishes the deploy.
+        children = _pool_children(hung.process.pid)
+        assert len(children) == 1
+        hung.kill_main()
+        _wait_for(lambda: not any(map(_alive, children)), 10, "the pool process to die")
     assert _request(req).status == Status.DEPLOYING  # nobody else will finish it
 
     healthy = workers("healthy-worker", hang=False)
