@@ -179,9 +179,6 @@ CELERY_BEAT_SCHEDULER = "portal.celery_beat:RecoveringScheduler"
 DEPLOY_TIME_LIMIT_S = env.int("DEPLOY_TIME_LIMIT_S", default=180)
 DEPLOY_LEASE_MARGIN_S = env.int("DEPLOY_LEASE_MARGIN_S", default=30)
 DEPLOY_MAX_ATTEMPTS = env.int("DEPLOY_MAX_ATTEMPTS", default=3)
-# Test-only: seconds the deploy sleeps after claiming a request, so a test can kill the worker
-# while the request is deploying. Always 0 outside that test.
-DEPLOY_TEST_DELAY_S = env.float("DEPLOY_TEST_DELAY_S", default=0.0)
 CELERY_BEAT_SCHEDULE = {
     # The fallback for missed MLflow events: mirror the registry every few minutes.
     "registry-sync": {

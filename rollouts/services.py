@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import secrets
-import time
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -750,8 +749,6 @@ def deployment_execute(*, request_id: int) -> DeploymentRequest:
     """
     req, deployment, claimed = _deployment_begin(request_id)
     if claimed:
-        if settings.DEPLOY_TEST_DELAY_S:
-            time.sleep(settings.DEPLOY_TEST_DELAY_S)
         try:
             digest = _smoke_test(req.model_version)
             if req.artifact_digest and digest != req.artifact_digest:
