@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import struct
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,13 @@ def _garbage_index(path: Path) -> None:
     Path(f"{path}.dir").write_text("'entries', (0, \n\x00\x01 garbage")
 
 
+def _foreign_dbm(path: Path) -> None:
+    """A GNU dbm file (its magic number), as a Python built with gdbm leaves; this one has none."""
+    for suffix in (".dat", ".dir", ".bak"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    path.write_bytes(struct.pack("=I", 0x13579ACE) + b"\0" * 60)
+
+
 def test_celerys_own_scheduler_dies_on_a_truncated_file(schedule_file):
     """The failure the subclass exists for: without it, beat (and ``make demo``) exits."""
     _truncate_before_entries(schedule_file)
@@ -66,7 +74,14 @@ def test_celerys_own_scheduler_dies_on_a_truncated_file(schedule_file):
 
 @pytest.mark.parametrize(
     "corrupt",
-    [_truncate_before_entries, _truncate_inside_entries, _empty, _garbage_values, _garbage_index],
+    [
+        _truncate_before_entries,
+        _truncate_inside_entries,
+        _empty,
+        _garbage_values,
+        _garbage_index,
+        _foreign_dbm,
+    ],
 )
 def test_an_unreadable_schedule_file_is_discarded_with_a_warning(schedule_file, corrupt, caplog):
     corrupt(schedule_file)
