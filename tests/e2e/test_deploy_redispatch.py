@@ -206,6 +206,7 @@ def workers(mlflow_store, hanging_mlflow, tmp_path, tmp_path_factory):
     yield start
     for worker in started:
         worker.stop()
+    celery_app.control.purge()  # what no worker took (a notification after the last kill)
     if broker_changed and celery_app._pool is not None:
         celery_app._pool.force_close_all()
         celery_app._pool = None
