@@ -165,7 +165,7 @@ def hanging_mlflow() -> Iterator[str]:
 
 @pytest.fixture
 def workers(mlflow_store, hanging_mlflow, tmp_path, tmp_path_factory):
-    """``workers(name, hang=..., **env)`` starts a worker on a queue of this test's own; tasks
+    """``workers(name, hang=..., pool="solo", **env)`` starts a worker on this test's own queue; tasks
     sent inside ``workers.through_broker()`` go there instead of running in-process."""
     broker = os.environ.get("CELERY_BROKER_URL") or (
         f"sqla+sqlite:///{tmp_path_factory.mktemp('broker') / 'broker.sqlite'}"
