@@ -171,13 +171,14 @@ CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 30
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+# Beat discards a schedule file it cannot read (truncated by a kill) instead of exiting.
+CELERY_BEAT_SCHEDULER = "portal.celery_beat:RecoveringScheduler"
 # A deploy task may run this long (hard limit, the worker kills it after); its claim on the
-# request lasts this plus a margin, after which beat re-dispatches it (rollouts.services).
+# request lasts this plus DEPLOY_LEASE_MARGIN_S (room for the kill itself and for clock skew
+# between worker hosts), after which beat re-dispatches it (rollouts.services.deploy_lease).
 DEPLOY_TIME_LIMIT_S = env.int("DEPLOY_TIME_LIMIT_S", default=180)
+DEPLOY_LEASE_MARGIN_S = env.int("DEPLOY_LEASE_MARGIN_S", default=30)
 DEPLOY_MAX_ATTEMPTS = env.int("DEPLOY_MAX_ATTEMPTS", default=3)
-# Test-only: seconds the deploy sleeps after claiming a request, so a test can kill the worker
-# while the request is deploying. Always 0 outside that test.
-DEPLOY_TEST_DELAY_S = env.float("DEPLOY_TEST_DELAY_S", default=0.0)
 CELERY_BEAT_SCHEDULE = {
     # The fallback for missed MLflow events: mirror the registry every few minutes.
     "registry-sync": {

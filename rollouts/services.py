@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import secrets
-import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -727,9 +726,10 @@ def freeze_window_create(
 
 
 def deploy_lease() -> timedelta:
-    """How long a deploy task's claim on a request lasts: the task's hard time limit (the
-    worker kills the task after it) plus a margin; after that the claimant is presumed dead."""
-    return timedelta(seconds=settings.DEPLOY_TIME_LIMIT_S + 30)
+    """How long a deploy task's claim on a request lasts: the task's hard time limit
+    (``DEPLOY_TIME_LIMIT_S``, the worker kills the task after it) plus
+    ``DEPLOY_LEASE_MARGIN_S``, in seconds; after that the claimant is presumed dead."""
+    return timedelta(seconds=settings.DEPLOY_TIME_LIMIT_S + settings.DEPLOY_LEASE_MARGIN_S)
 
 
 def deployment_execute(*, request_id: int) -> DeploymentRequest:
@@ -750,8 +750,6 @@ def deployment_execute(*, request_id: int) -> DeploymentRequest:
     """
     req, deployment, claimed = _deployment_begin(request_id)
     if claimed:
-        if settings.DEPLOY_TEST_DELAY_S:
-            time.sleep(settings.DEPLOY_TEST_DELAY_S)
         try:
             digest = _smoke_test(req.model_version)
             if req.artifact_digest and digest != req.artifact_digest:

@@ -46,7 +46,7 @@ def test_leased_releases_only_what_it_got(db):
     assert not Lease.objects.filter(name="free").exists()
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, serialized_rollback=True)
 def test_concurrent_claimants_get_one_lease():
     """Eight threads (eight database connections) race for a new name, then for a lapsed one:
     exactly one wins each time. Meant for PostgreSQL (CI); SQLite serialises writers anyway."""
