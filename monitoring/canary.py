@@ -59,46 +59,68 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def _error_rate(c: WindowFigures, s: WindowFigures, policy: AnalysisPolicy, alpha: float):
-    rule = f"canary - stable > {_percent(policy.error_rate_margin)} at alpha={alpha:.4g}"
-    samples = {"canary": c.requests, "stable": s.requests}
-    if min(c.requests, s.requests) < policy.min_requests:
+def _proportion_check(
+    metric: str,
+    canary: tuple[int, int],
+    stable: tuple[int, int],
+    *,
+    worse_if_higher: bool,
+    margin: float,
+    minimum: int,
+    unit: str,
+    alpha: float,
+) -> Check:
+    """Compare the share ``hits / n`` of canary and stable, given as (hits, n) pairs: the
+    canary fails when its share is significantly worse (higher, or lower) by more than
+    ``margin``."""
+    (hc, nc), (hs, ns) = canary, stable
+    value_c, value_s = (hc / nc if nc else None), (hs / ns if ns else None)
+    name = metric.replace("_", " ")
+    order = "canary - stable" if worse_if_higher else "stable - canary"
+    rule = f"{order} > {_percent(margin)} at alpha={alpha:.4g}"
+    samples = {"canary": nc, "stable": ns}
+    if min(nc, ns) < minimum:
         return Check(
-            "error_rate", c.error_rate, s.error_rate, rule, SCORE_TEST, "inconclusive",
-            f"error rate: {c.requests} canary and {s.requests} stable requests, "
-            f"{policy.min_requests} needed on each side",
+            metric, value_c, value_s, rule, SCORE_TEST, "inconclusive",
+            f"{name}: {nc} canary and {ns} stable {unit}, {minimum} needed on each side",
             samples=samples,
         )  # fmt: skip
-    p = _p_larger(c.errors, c.requests, s.errors, s.requests, policy.error_rate_margin)
-    worse = p < alpha
+    if worse_if_higher:
+        p = _p_larger(hc, nc, hs, ns, margin)
+    else:
+        p = _p_larger(hs, ns, hc, nc, margin)
     return Check(
-        "error_rate", c.error_rate, s.error_rate, rule, SCORE_TEST,
-        "fail" if worse else "pass",
-        f"error rate {_percent(c.error_rate)} on the canary against {_percent(s.error_rate)} "
-        f"on stable (p={p:.3g})",
+        metric, value_c, value_s, rule, SCORE_TEST, "fail" if p < alpha else "pass",
+        f"{name} {_percent(value_c)} on the canary against {_percent(value_s)} on stable "
+        f"(p={p:.3g})",
         p_value=p, samples=samples,
     )  # fmt: skip
+
+
+def _error_rate(c: WindowFigures, s: WindowFigures, policy: AnalysisPolicy, alpha: float):
+    return _proportion_check(
+        "error_rate",
+        (c.errors, c.requests),
+        (s.errors, s.requests),
+        worse_if_higher=True,
+        margin=policy.error_rate_margin,
+        minimum=policy.min_requests,
+        unit="requests",
+        alpha=alpha,
+    )
 
 
 def _accuracy(c: WindowFigures, s: WindowFigures, policy: AnalysisPolicy, alpha: float):
-    rule = f"stable - canary > {_percent(policy.accuracy_margin)} at alpha={alpha:.4g}"
-    samples = {"canary": c.labelled, "stable": s.labelled}
-    if min(c.labelled, s.labelled) < policy.min_labels:
-        return Check(
-            "accuracy", c.accuracy, s.accuracy, rule, SCORE_TEST, "inconclusive",
-            f"accuracy: {c.labelled} canary and {s.labelled} stable labels so far, "
-            f"{policy.min_labels} needed on each side",
-            samples=samples,
-        )  # fmt: skip
-    p = _p_larger(s.correct, s.labelled, c.correct, c.labelled, policy.accuracy_margin)
-    worse = p < alpha
-    return Check(
-        "accuracy", c.accuracy, s.accuracy, rule, SCORE_TEST,
-        "fail" if worse else "pass",
-        f"accuracy {_percent(c.accuracy)} on the canary against {_percent(s.accuracy)} on "
-        f"stable (p={p:.3g})",
-        p_value=p, samples=samples,
-    )  # fmt: skip
+    return _proportion_check(
+        "accuracy",
+        (c.correct, c.labelled),
+        (s.correct, s.labelled),
+        worse_if_higher=False,
+        margin=policy.accuracy_margin,
+        minimum=policy.min_labels,
+        unit="labels so far",
+        alpha=alpha,
+    )
 
 
 def _rmse(c: WindowFigures, s: WindowFigures, policy: AnalysisPolicy, alpha: float):
