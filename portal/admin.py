@@ -60,3 +60,18 @@ class AuthTokenAdmin(AuditedModelAdmin):
     def delete_queryset(self, request, queryset):
         for token in queryset.select_related("user"):
             _tokens.api_token_revoke(token=token, actor=request.user)
+
+
+# --- users: sign-in times are recorded by Django, not edited ------------------------------------
+# (The change form posts them to the second, so saving a user would otherwise trim them and
+# the audit would show a change nobody made.)
+from django.contrib.auth.admin import UserAdmin  # noqa: E402
+from django.contrib.auth.models import User  # noqa: E402
+
+if admin.site.is_registered(User):
+    admin.site.unregister(User)
+
+
+@admin.register(User)
+class PortalUserAdmin(AuditedModelAdmin, UserAdmin):
+    readonly_fields = ("last_login", "date_joined")

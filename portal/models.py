@@ -85,3 +85,21 @@ class Lease(models.Model):
 
     def __str__(self) -> str:
         return f"lease {self.name} held by {self.holder} until {self.expires_at:%Y-%m-%d %H:%M:%S}"
+
+
+class WindowCounter(models.Model):
+    """How many times ``name`` was counted in the fixed window starting at ``window`` (seconds
+    since the epoch, a multiple of the window's length). Shared by every process and replica
+    through the database; written only by :mod:`portal.counters` (one upsert a count)."""
+
+    name = models.CharField(max_length=200)
+    window = models.BigIntegerField()
+    count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["name", "window"], name="one_counter_per_window")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.window}: {self.count}"

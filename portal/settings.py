@@ -20,9 +20,16 @@ env = environ.Env()
 
 DEBUG = env.bool("DEBUG", default=False)
 SECRET_KEY = env.str("SECRET_KEY", default="")
+# `make demo` writes its key to var/secret-key (mode 600): commands run beside the demo
+# (`manage.py verify_audit`, ...) read it there when SECRET_KEY is not set.
+if not SECRET_KEY and (VAR_DIR / "secret-key").is_file():
+    SECRET_KEY = (VAR_DIR / "secret-key").read_text().strip()
 if not SECRET_KEY:
     if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off.")
+        raise ImproperlyConfigured(
+            "SECRET_KEY must be set when DEBUG is off (or run `make demo` once, which writes "
+            "var/secret-key)."
+        )
     SECRET_KEY = "rollgate-insecure-development-key"  # only ever used with DEBUG on
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
@@ -322,6 +329,7 @@ AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_COOLOFF_MINUTES)
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_HTTP_RESPONSE_CODE = 429
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_VERBOSE = False
 # Wrong serving keys: an address that sent this many invalid keys within the window gets 429
 # until the window ends (rollouts.serving.throttle; counted in the cache like the rate limit).

@@ -16,9 +16,9 @@ Verdicts:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 from django.core.exceptions import ImproperlyConfigured

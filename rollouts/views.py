@@ -318,14 +318,23 @@ def _api_keys_page(request: HttpRequest, form: ApiKeyForm, status: int = 200, **
     return response
 
 
+#: Where the plaintext of a key just created waits for the page that shows it, once.
+NEW_KEY_SESSION = "rollgate:new-api-key"
+
+
 @login_required
 def api_key_list(request: HttpRequest) -> HttpResponse:
-    """Lists every key; a POST creates one and shows its plaintext on the page it answers with,
-    once (it is never stored)."""
+    """Lists every key; a POST creates one and redirects to this page, which shows the new
+    key's plaintext once (kept in the server-side session until then, never stored with the
+    key). Reloading the page neither creates another key nor shows it again."""
     if not is_platform_admin(request.user):
         raise PermissionDenied("Only platform admins manage API keys.")
     if request.method != "POST":
-        return _api_keys_page(request, ApiKeyForm())
+        created = request.session.pop(NEW_KEY_SESSION, None)
+        extra = {}
+        if created and (key := ApiKey.objects.filter(pk=created["id"]).first()):
+            extra = {"created": key, "raw_key": created["key"]}
+        return _api_keys_page(request, ApiKeyForm(), **extra)
     form = ApiKeyForm(request.POST)
     if not form.is_valid():
         return _api_keys_page(request, form, status=400)
@@ -340,7 +349,8 @@ def api_key_list(request: HttpRequest) -> HttpResponse:
         for name, errors in exc.message_dict.items():
             form.add_error(name if name in form.fields else None, errors)
         return _api_keys_page(request, form, status=400)
-    return _api_keys_page(request, ApiKeyForm(), status=201, created=key, raw_key=raw)
+    request.session[NEW_KEY_SESSION] = {"id": key.pk, "key": raw}
+    return redirect("rollouts:api_keys")
 
 
 @login_required

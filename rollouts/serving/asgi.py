@@ -83,6 +83,9 @@ class _CachedLookups(inv.Lookups):
             raise _NeedsLookup
         return seen[0]
 
+    def count_call(self, key):
+        raise _NeedsLookup  # the count is a database write: in a thread
+
 
 class ServingApp:
     """ASGI app: the scoring fast path in front of ``django_app``."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -30,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db import models
 from django.utils import timezone
 
@@ -126,6 +126,18 @@ class Lookups:
 
         return keys.get(key_hash)
 
+    def count_call(self, key: KeyGrant) -> tuple[int, float]:
+        """Count one call of ``key`` in the current minute, in the database (shared by every
+        process): (calls this minute, seconds until it ends)."""
+        from django.db import DatabaseError
+
+        from portal.counters import window_hit
+
+        try:
+            return window_hit(f"api-key:{key.key_id}", length_s=60)
+        except DatabaseError as exc:
+            raise LookupUnavailable(f"rate limit count failed: {exc}") from exc
+
 
 BLOCKING = Lookups()
 
@@ -141,26 +153,16 @@ def _unauthenticated(message: str, trace: Trace) -> Answer:
     return error(401, "UNAUTHENTICATED", message, trace, [("WWW-Authenticate", "Bearer")])
 
 
-def rate_limited(key: KeyGrant) -> int | None:
+def rate_limited(key: KeyGrant, lookups: Lookups) -> int | None:
     """Seconds until the key may call again, or None when within its per-minute limit.
 
-    A fixed one-minute window counted in Django's cache (Redis with ``CACHE_URL``, so shared by
-    every replica; per process with the default local-memory cache)."""
+    A fixed one-minute window counted in the database (:mod:`portal.counters`), so that the
+    limit holds across every serving process and replica. Keys without a limit cost nothing."""
     if not key.rate_limit_per_minute:
         return None
-    now = time.time()
-    window = int(now // 60)
-    cache_key = f"rollgate:rate:{key.key_id}:{window}"
-    if cache.add(cache_key, 1, timeout=61):
-        count = 1
-    else:
-        try:
-            count = cache.incr(cache_key)
-        except ValueError:  # expired between add and incr
-            cache.add(cache_key, 1, timeout=61)
-            count = 1
+    count, remaining = lookups.count_call(key)
     if count > key.rate_limit_per_minute:
-        return max(1, int(60 - now % 60))
+        return max(1, math.ceil(remaining))
     return None
 
 
@@ -221,7 +223,7 @@ def _admit(meta: Meta, trace: Trace, lookups: Lookups) -> Admitted | Answer:
         return error(
             403, "PERMISSION_DENIED", "The API key is not allowed to call this endpoint.", trace
         )
-    if (retry_after := rate_limited(key)) is not None:
+    if (retry_after := rate_limited(key, lookups)) is not None:
         return error(
             429,
             "RATE_LIMITED",

@@ -2,8 +2,10 @@
 
 An address that sent ``SERVING_BAD_KEY_LIMIT`` invalid keys within the current window of
 ``SERVING_BAD_KEY_WINDOW_S`` seconds is answered 429 until the window ends, before its key is
-looked at. Counted in Django's cache, like the per-key rate limit: shared by every replica with
-``CACHE_URL`` (Redis), per process with the default local-memory cache. Cheap enough for the
+looked at. Counted in Django's cache (it is read on every request, on the event loop): shared
+by every replica with ``CACHE_URL`` (Redis), per process with the default local-memory cache,
+where an address gets the limit once per worker. The per-key rate limit is exact across
+processes: it counts in the database (``portal.counters``). Cheap enough for the
 event loop (one cache read per request, one increment per bad key)."""
 
 from __future__ import annotations

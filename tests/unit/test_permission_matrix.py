@@ -77,7 +77,7 @@ MATRIX: dict[str, dict[str, dict[str, int]]] = {
     "rollouts:endpoint_rollback": {"POST": S(403, 404, 302, 403, 302, 302)},
     "rollouts:api_keys": {
         "GET": S(403, 403, 403, 403, 200, 302),
-        "POST": S(403, 403, 403, 403, 201, 302),
+        "POST": S(403, 403, 403, 403, 302, 302),
     },
     "rollouts:api_key_revoke": {"POST": S(403, 403, 403, 403, 302, 302)},
     "monitoring:endpoint": {"GET": OWN_PAGE},

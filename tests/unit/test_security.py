@@ -268,3 +268,20 @@ def test_repeated_wrong_serving_keys_are_throttled_per_address(client, settings,
     assert throttled.status == 429
     assert dict(throttled.headers)["Retry-After"].isdigit()
     assert attempt("192.0.2.2").status == 401  # another address is not affected
+
+
+def test_the_lockout_page_says_why_and_for_how_long(client, reviewer, settings):
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        response = client.post("/login/", {"username": "bob", "password": "wrong"})
+    assert response.status_code == 429
+    page = response.content.decode()
+    assert "Too many failed sign-ins" in page and "bob" in page
+    assert str(settings.AXES_COOLOFF_TIME) in page and "class=\"top\"" in page  # the layout
+
+
+def test_a_403_page_says_why_inside_the_layout(client, data_scientist):
+    client.force_login(data_scientist)
+    response = client.get("/rollouts/api-keys/")
+    assert response.status_code == 403
+    page = response.content.decode()
+    assert "Only platform admins manage API keys." in page and "class=\"top\"" in page

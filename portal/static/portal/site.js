@@ -7,3 +7,12 @@ document.addEventListener("change", function (event) {
     control.form.requestSubmit ? control.form.requestSubmit() : control.form.submit();
   }
 });
+
+// A form marked data-confirm="<question>" asks before it is sent (revoking a key cannot be
+// undone).
+document.addEventListener("submit", function (event) {
+  var form = event.target;
+  if (form && form.hasAttribute("data-confirm") && !window.confirm(form.getAttribute("data-confirm"))) {
+    event.preventDefault();
+  }
+});
