@@ -346,6 +346,16 @@ class Deployment(models.Model):
         FAILED = "failed", "Failed"
         RETIRED = "retired", "Retired"
 
+    class Role(models.TextChoices):
+        """What a deployment is on its endpoint. Stable is this explicit row, never the
+        largest traffic weight; a database constraint allows at most one live stable per
+        endpoint (``rollouts.selectors.endpoint_roles`` reads it)."""
+
+        STABLE = "stable", "Stable"
+        CANARY = "canary", "Canary"
+        SHADOW = "shadow", "Shadow"
+        VARIANT = "variant", "Variant"
+
     endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="deployments")
     model_version = models.ForeignKey(
         ModelVersion, on_delete=models.PROTECT, related_name="deployments"
@@ -354,6 +364,8 @@ class Deployment(models.Model):
         DeploymentRequest, on_delete=models.PROTECT, related_name="deployment"
     )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.LAUNCHING)
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.STABLE)
+    # Written only by ``rollouts.services.traffic_set`` (a unit test greps for other writers).
     traffic_weight = models.PositiveSmallIntegerField(default=0, help_text="percent of traffic")
     artifact_digest = models.CharField(max_length=64, blank=True)
     failure_reason = models.TextField(blank=True)
@@ -364,6 +376,13 @@ class Deployment(models.Model):
     class Meta:
         ordering = ["-started_at"]
         indexes = [models.Index(fields=["endpoint", "status"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["endpoint"],
+                condition=models.Q(status="live", role="stable"),
+                name="one_live_stable_per_endpoint",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.model_version} on {self.endpoint} ({self.status})"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import NamedTuple
+
 from django.contrib.auth.models import AnonymousUser, User
-from django.db.models import Prefetch, Q, QuerySet
+from django.db.models import Case, F, IntegerField, Prefetch, Q, QuerySet, Value, When
 
 from portal.models import AuditEvent
 from portal.roles import REVIEWERS, can_review
@@ -63,6 +66,72 @@ def review_queue(user: User | AnonymousUser) -> QuerySet[DeploymentRequest]:
         .exclude(requester=user)
         .exclude(reviews__reviewer=user)
     )
+
+
+# --- Roles: what is stable, what is canary --------------------------------------------------
+
+_ROLE_ORDER = Case(
+    *(When(role=role, then=Value(i)) for i, role in enumerate(Deployment.Role.values)),
+    default=Value(len(Deployment.Role.values)),
+    output_field=IntegerField(),
+)
+
+
+def live_deployments_by_role(endpoint_ids: Iterable[int]) -> dict[int, list[Deployment]]:
+    """The live deployments of each endpoint id, stable first, then canary, shadow, variant
+    (within a role: the one live first). Endpoints with nothing live are absent. One query;
+    each deployment comes with its ``model_version`` (only its id and number loaded).
+
+    The one answer to "what is stable": ``Deployment.role``, a row that a database constraint
+    keeps to at most one live stable per endpoint, never the largest traffic weight."""
+    rows = (
+        Deployment.objects.filter(endpoint_id__in=list(endpoint_ids), status=Deployment.Status.LIVE)
+        .select_related("model_version")
+        .only(
+            "pk",
+            "endpoint_id",
+            "role",
+            "status",
+            "traffic_weight",
+            "live_at",
+            "model_version__id",
+            "model_version__version",
+        )
+        .order_by("endpoint_id", _ROLE_ORDER, F("live_at").asc(nulls_last=True), "pk")
+    )
+    out: dict[int, list[Deployment]] = {}
+    for d in rows:
+        out.setdefault(d.endpoint_id, []).append(d)
+    return out
+
+
+class EndpointRoles(NamedTuple):
+    stable: Deployment | None
+    canary: Deployment | None
+
+
+def endpoint_roles(endpoint: Endpoint | int) -> EndpointRoles:
+    """``(stable, canary)``: the endpoint's live stable and live canary deployments (each with
+    its ``model_version`` loaded), None where there is none. One query."""
+    endpoint_id = endpoint if isinstance(endpoint, int) else endpoint.pk
+    live = (
+        Deployment.objects.filter(
+            endpoint_id=endpoint_id,
+            status=Deployment.Status.LIVE,
+            role__in=[Deployment.Role.STABLE, Deployment.Role.CANARY],
+        )
+        .select_related("model_version__registered_model")
+        .order_by(F("live_at").asc(nulls_last=True), "pk")
+    )
+    by_role = {}
+    for d in live:
+        by_role.setdefault(d.role, d)
+    return EndpointRoles(by_role.get(Deployment.Role.STABLE), by_role.get(Deployment.Role.CANARY))
+
+
+def stable_of(endpoint: Endpoint | int) -> Deployment | None:
+    """The endpoint's live stable deployment, or None when nothing is live there."""
+    return endpoint_roles(endpoint).stable
 
 
 def endpoints_with_live_versions(

@@ -44,6 +44,7 @@ from rollouts.models import (
     Review,
     Strategy,
 )
+from rollouts.selectors import stable_of
 
 logger = logging.getLogger(__name__)
 Status = DeploymentRequest.Status
@@ -143,14 +144,9 @@ def endpoint_for(*, model_version: ModelVersion, environment: Environment) -> En
 
 
 def champion_of(endpoint: Endpoint) -> ModelVersion | None:
-    """The endpoint's stable version: the live deployment with the most traffic (latest first)."""
-    live = (
-        Deployment.objects.filter(endpoint=endpoint, status=Deployment.Status.LIVE)
-        .select_related("model_version__registered_model")
-        .order_by("-traffic_weight", "-live_at")
-        .first()
-    )
-    return live.model_version if live else None
+    """The endpoint's stable version (``selectors.stable_of``), None when nothing is live."""
+    stable = stable_of(endpoint)
+    return stable.model_version if stable else None
 
 
 def _check_not_live(model_version: ModelVersion, endpoint: Endpoint) -> None:
@@ -910,7 +906,11 @@ def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
                 after={"status": old_req.status},
             )
     Deployment.objects.filter(request=req).update(
-        status=Deployment.Status.LIVE, traffic_weight=100, artifact_digest=digest, live_at=now
+        status=Deployment.Status.LIVE,
+        role=Deployment.Role.STABLE,
+        traffic_weight=100,
+        artifact_digest=digest,
+        live_at=now,
     )
     old = _transition(req, Status.LIVE)
     _audit(
@@ -967,11 +967,9 @@ def _rollback(endpoint_id: int, actor: User | None, reason: str) -> DeploymentRe
         .select_related("environment", "registered_model")
         .get(pk=endpoint_id)
     )
+    stable = stable_of(endpoint)
     live = (
-        endpoint.deployments.select_for_update()
-        .filter(status=Deployment.Status.LIVE)
-        .order_by("-live_at")
-        .first()
+        endpoint.deployments.select_for_update().get(pk=stable.pk) if stable is not None else None
     )
     if live is None:
         raise Conflict(f"Nothing is live on {endpoint.name}.")
@@ -988,12 +986,13 @@ def _rollback(endpoint_id: int, actor: User | None, reason: str) -> DeploymentRe
     now = timezone.now()
     live.status, live.traffic_weight, live.retired_at = Deployment.Status.RETIRED, 0, now
     live.save(update_fields=["status", "traffic_weight", "retired_at"])
-    previous.status, previous.traffic_weight, previous.retired_at = (
+    previous.status, previous.role, previous.traffic_weight, previous.retired_at = (
         Deployment.Status.LIVE,
+        Deployment.Role.STABLE,
         100,
         None,
     )
-    previous.save(update_fields=["status", "traffic_weight", "retired_at"])
+    previous.save(update_fields=["status", "role", "traffic_weight", "retired_at"])
     rolled = _locked_request(live.request_id)
     old = _transition(rolled, Status.ROLLED_BACK, reason=reason.strip())
     _audit(

@@ -1,0 +1,142 @@
+"""A home for rollouts (issue 10, point 1): stable is an explicit row, one selector answers
+"what is stable / what is canary", and a database constraint allows one live stable per
+endpoint."""
+
+from __future__ import annotations
+
+import importlib
+from datetime import timedelta
+
+import pytest
+from django.apps import apps
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from monitoring.selectors import live_versions
+from registry.models import ModelVersion, RegisteredModel
+from rollouts import selectors, services
+from rollouts.models import Deployment, DeploymentRequest, Endpoint, Environment
+
+NOW = timezone.now()
+Role = Deployment.Role
+LIVE = Deployment.Status.LIVE
+
+
+@pytest.fixture
+def churn(team):
+    """``churn`` v1..v3 and its staging endpoint, nothing deployed yet."""
+    model = RegisteredModel.objects.create(name="churn", team=team, synced_at=NOW)
+    for n in (1, 2, 3):
+        ModelVersion.objects.create(
+            registered_model=model, version=n, status="READY", synced_at=NOW
+        )
+    return Endpoint.objects.create(
+        name="churn-staging",
+        environment=Environment.objects.get(name="staging"),
+        registered_model=model,
+    )
+
+
+def _deploy(endpoint, number, requester, *, weight, role=Role.STABLE, status=LIVE, live_at=NOW):
+    version = ModelVersion.objects.get(registered_model=endpoint.registered_model, version=number)
+    req = DeploymentRequest.objects.create(
+        model_version=version,
+        endpoint=endpoint,
+        justification="test",
+        requester=requester,
+        status=DeploymentRequest.Status.LIVE
+        if status == LIVE
+        else DeploymentRequest.Status.SUPERSEDED,
+    )
+    return Deployment.objects.create(
+        endpoint=endpoint,
+        model_version=version,
+        request=req,
+        status=status,
+        role=role,
+        traffic_weight=weight,
+        live_at=live_at,
+    )
+
+
+def test_at_most_one_live_stable_per_endpoint_is_a_database_constraint(churn, data_scientist):
+    _deploy(churn, 1, data_scientist, weight=100)
+    _deploy(churn, 2, data_scientist, weight=0, status=Deployment.Status.RETIRED)  # retired: fine
+    _deploy(churn, 3, data_scientist, weight=0, role=Role.CANARY)  # a live canary beside: fine
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Deployment.objects.filter(model_version__version=3).update(role=Role.STABLE)
+    with pytest.raises(IntegrityError), transaction.atomic():
+        Deployment.objects.filter(model_version__version=2).update(status=LIVE)
+    assert Deployment.objects.filter(endpoint=churn, status=LIVE, role=Role.STABLE).count() == 1
+
+
+def test_stable_is_the_row_not_the_largest_weight(churn, data_scientist):
+    """A canary that has more traffic than stable (e.g. 60 % in a late step) is still the
+    canary everywhere: the selector, the champion the gates compare with, the dashboards."""
+    stable = _deploy(churn, 1, data_scientist, weight=40, live_at=NOW - timedelta(days=1))
+    canary = _deploy(churn, 2, data_scientist, weight=60, role=Role.CANARY)
+    assert selectors.endpoint_roles(churn) == (stable, canary)
+    assert selectors.stable_of(churn) == stable
+    assert services.champion_of(churn).version == 1
+    assert [
+        (lv.version, lv.role, lv.traffic_weight) for lv in live_versions([churn.pk])[churn.pk]
+    ] == [
+        (1, "stable", 40),
+        (2, "canary", 60),
+    ]
+
+
+def test_nothing_live_has_no_roles(churn, data_scientist):
+    _deploy(churn, 1, data_scientist, weight=0, status=Deployment.Status.RETIRED)
+    assert selectors.endpoint_roles(churn) == (None, None)
+    assert services.champion_of(churn) is None
+    assert live_versions([churn.pk]) == {}
+
+
+def test_live_deployments_by_role_is_one_query_for_many_endpoints(
+    churn, data_scientist, django_assert_num_queries
+):
+    other = Endpoint.objects.create(
+        name="churn-production",
+        environment=Environment.objects.get(name="production"),
+        registered_model=churn.registered_model,
+    )
+    _deploy(churn, 1, data_scientist, weight=90)
+    _deploy(churn, 2, data_scientist, weight=10, role=Role.CANARY)
+    _deploy(other, 1, data_scientist, weight=100)
+    with django_assert_num_queries(1):
+        live = selectors.live_deployments_by_role([churn.pk, other.pk])
+        roles = {e: [(d.model_version.version, d.role) for d in ds] for e, ds in live.items()}
+    assert roles == {churn.pk: [(1, "stable"), (2, "canary")], other.pk: [(1, "stable")]}
+
+
+def test_the_migration_backfills_roles_from_weights(churn, data_scientist):
+    """Live rows from before ``role`` existed: per endpoint the largest weight is stable (ties:
+    the one live first), the other live ones canaries; rows not live are left alone."""
+    tie = Endpoint.objects.create(
+        name="churn-production",
+        environment=Environment.objects.get(name="production"),
+        registered_model=churn.registered_model,
+    )
+    # Written as canaries, so that the constraint lets the test set up "no role known yet".
+    small = _deploy(
+        churn, 1, data_scientist, weight=10, role=Role.CANARY, live_at=NOW - timedelta(days=2)
+    )
+    big = _deploy(churn, 2, data_scientist, weight=90, role=Role.CANARY)
+    old = _deploy(
+        churn, 3, data_scientist, weight=0, role=Role.CANARY, status=Deployment.Status.RETIRED
+    )
+    first = _deploy(
+        tie, 1, data_scientist, weight=50, role=Role.CANARY, live_at=NOW - timedelta(hours=1)
+    )
+    later = _deploy(tie, 2, data_scientist, weight=50, role=Role.CANARY)
+    migration = importlib.import_module("rollouts.migrations.0009_deployment_role")
+    migration.backfill_roles(apps, None)
+    roles = dict(Deployment.objects.values_list("pk", "role"))
+    assert roles == {
+        small.pk: "canary",
+        big.pk: "stable",
+        old.pk: "canary",
+        first.pk: "stable",
+        later.pk: "canary",
+    }
