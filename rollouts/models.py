@@ -388,6 +388,40 @@ class Deployment(models.Model):
         return f"{self.model_version} on {self.endpoint} ({self.status})"
 
 
+class TrafficHistory(models.Model):
+    """One traffic state of an endpoint, from when it was set until the next row: the record
+    ``rollouts.services.traffic_set`` writes, and what "what served when" reads.
+
+    ``split`` is what served, ``{"v<version>": percent}`` over the deployments given traffic
+    (the ``traffic.changed`` audit event's ``after``); ``deployment_split`` the whole split as
+    set, ``{"<deployment id>": percent}``, zeros included. Rows backfilled from audit events
+    written before this table existed have the deployment ids that could be matched.
+    """
+
+    endpoint = models.ForeignKey(
+        Endpoint, on_delete=models.PROTECT, related_name="traffic_history"
+    )
+    split = models.JSONField(default=dict, help_text='percent per version, e.g. {"v1": 100}')
+    deployment_split = models.JSONField(
+        default=dict, blank=True, help_text="percent per deployment id, as set"
+    )
+    reason = models.TextField(blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_label = models.CharField(max_length=150, help_text="username, or 'system' for tasks")
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+        verbose_name_plural = "traffic history"
+        indexes = [models.Index(fields=["endpoint", "created_at"])]
+
+    def __str__(self) -> str:
+        shares = ", ".join(f"{v} {w}%" for v, w in self.split.items()) or "nothing"
+        return f"{self.endpoint_id}: {shares} at {self.created_at:%Y-%m-%d %H:%M:%S}"
+
+
 class ApiKey(models.Model):
     """A client application's key for the serving API. Only its sha256 is stored."""
 

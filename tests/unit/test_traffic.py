@@ -9,13 +9,16 @@ from datetime import timedelta
 
 import pytest
 from django.apps import apps
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from monitoring.selectors import live_versions
+from portal.audit import audit_verify
+from portal.models import AuditEvent
 from registry.models import ModelVersion, RegisteredModel
 from rollouts import selectors, services
-from rollouts.models import Deployment, DeploymentRequest, Endpoint, Environment
+from rollouts.models import Deployment, DeploymentRequest, Endpoint, Environment, TrafficHistory
 
 NOW = timezone.now()
 Role = Deployment.Role
@@ -140,3 +143,100 @@ def test_the_migration_backfills_roles_from_weights(churn, data_scientist):
         first.pk: "stable",
         later.pk: "canary",
     }
+
+
+# --- (b) one traffic writer ---------------------------------------------------------------
+
+
+@pytest.fixture
+def stable_and_canary(churn, data_scientist):
+    """v1 stable at 100 %, v2 a live canary at 0 %, v3 retired."""
+    return (
+        _deploy(churn, 1, data_scientist, weight=100, live_at=NOW - timedelta(days=1)),
+        _deploy(churn, 2, data_scientist, weight=0, role=Role.CANARY),
+        _deploy(churn, 3, data_scientist, weight=0, status=Deployment.Status.RETIRED),
+    )
+
+
+def _weights(endpoint):
+    return dict(endpoint.deployments.values_list("model_version__version", "traffic_weight"))
+
+
+def test_traffic_set_writes_weights_one_history_row_and_one_audit_event(
+    churn, stable_and_canary, reviewer
+):
+    stable, canary, _ = stable_and_canary
+    history = services.traffic_set(
+        endpoint=churn, split={stable.pk: 90, canary.pk: 10}, actor=reviewer, reason=" step 1 "
+    )
+    assert _weights(churn) == {1: 90, 2: 10, 3: 0}
+    assert TrafficHistory.objects.get() == history
+    assert (history.split, history.deployment_split) == (
+        {"v1": 90, "v2": 10},
+        {str(stable.pk): 90, str(canary.pk): 10},
+    )
+    assert (history.reason, history.actor, history.actor_label) == ("step 1", reviewer, "bob")
+    event = AuditEvent.objects.get(action="traffic.changed")
+    assert (event.before, event.after) == (
+        {"traffic": {"v1": 100}},
+        {"traffic": {"v1": 90, "v2": 10}},
+    )
+    assert (event.object_id, event.actor_label) == (str(churn.pk), "bob")
+    # Left out of the split: back to 0. The system (actor None) is recorded as such.
+    services.traffic_set(endpoint=churn.pk, split={stable.pk: 100}, actor=None, reason="abort")
+    assert _weights(churn) == {1: 100, 2: 0, 3: 0}
+    assert TrafficHistory.objects.latest("pk").actor_label == "system"
+    assert AuditEvent.objects.filter(action="traffic.changed").count() == 2
+    assert audit_verify().intact
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        ({}, "cannot be empty"),
+        ([(1, 100)], "cannot be empty"),
+        ("stable", "cannot be empty"),
+        ({"one": 100}, "Deployment ids are integers"),
+        ({"S": 90, "C": 20}, "add up to 110"),
+        ({"S": 50, "C": 49}, "add up to 99"),
+        ({"S": 110, "C": -10}, "integer 0 to 100"),
+        ({"S": 50.0, "C": 50}, "integer 0 to 100"),
+        ({"S": "50", "C": 50}, "integer 0 to 100"),
+        ({"S": True, "C": 99}, "integer 0 to 100"),
+        ({"S": 90, "R": 10}, "is retired; only live deployments take traffic"),
+        ({"C": 100}, "gives no weight to the stable deployment"),
+        ({"S": 0, "C": 100}, "gives no weight to the stable deployment"),
+        ({"S": 90, "X": 10}, "is not a deployment of churn-staging"),
+        ({"S": 90, 999999: 10}, "is not a deployment of churn-staging"),
+    ],
+)
+def test_traffic_set_refuses_a_bad_split_and_changes_nothing(
+    churn, stable_and_canary, data_scientist, reviewer, split, message
+):
+    stable, canary, retired = stable_and_canary
+    elsewhere = Endpoint.objects.create(
+        name="churn-production",
+        environment=Environment.objects.get(name="production"),
+        registered_model=churn.registered_model,
+    )
+    other = _deploy(elsewhere, 1, data_scientist, weight=100)
+    ids = {"S": stable.pk, "C": canary.pk, "R": retired.pk, "X": other.pk}
+    if isinstance(split, dict):
+        split = {ids.get(k, k): v for k, v in split.items()}
+    events = AuditEvent.objects.count()
+    with pytest.raises(ValidationError, match=message):
+        services.traffic_set(endpoint=churn, split=split, actor=reviewer, reason="try")
+    assert _weights(churn) == {1: 100, 2: 0, 3: 0}
+    assert (TrafficHistory.objects.count(), AuditEvent.objects.count()) == (0, events)
+
+
+def test_traffic_set_refuses_an_endpoint_without_stable_or_a_blank_reason(
+    churn, stable_and_canary, reviewer
+):
+    stable, canary, _ = stable_and_canary
+    with pytest.raises(ValidationError, match="Say why"):
+        services.traffic_set(endpoint=churn, split={stable.pk: 100}, actor=reviewer, reason=" ")
+    Deployment.objects.filter(pk=stable.pk).update(status=Deployment.Status.RETIRED)
+    with pytest.raises(ValidationError, match="has no live stable deployment"):
+        services.traffic_set(endpoint=churn, split={canary.pk: 100}, actor=reviewer, reason="x")
+    assert TrafficHistory.objects.count() == 0
