@@ -8,7 +8,6 @@ from typing import NamedTuple
 from django.contrib.auth.models import AnonymousUser, User
 from django.db.models import Case, F, IntegerField, Prefetch, Q, QuerySet, Value, When
 
-from portal.models import AuditEvent
 from portal.roles import REVIEWERS, can_review
 from registry.selectors import registered_models_visible_to
 from rollouts.models import (
@@ -18,6 +17,7 @@ from rollouts.models import (
     Endpoint,
     Environment,
     Review,
+    TrafficHistory,
 )
 
 
@@ -163,21 +163,19 @@ def live_deployments_of_deleted_versions(endpoint: Endpoint) -> list[Deployment]
 
 
 def traffic_timeline(endpoint: Endpoint) -> list[dict[str, object]]:
-    """What served when: one row per traffic state of the endpoint, from the audit trail's
-    ``traffic.changed`` events: ``{"start": datetime, "end": datetime | None, "traffic":
-    {"v1": 100}, "actor": str}``; ``end`` None for the current state."""
-    events = list(
-        AuditEvent.objects.filter(
-            action="traffic.changed", object_type=Endpoint._meta.label, object_id=str(endpoint.pk)
-        ).order_by("id")
+    """What served when: one row per traffic state of the endpoint, oldest first, from its
+    :class:`~rollouts.models.TrafficHistory` (written by ``services.traffic_set``; backfilled
+    from the audit trail for older changes): ``{"start": datetime, "end": datetime | None,
+    "traffic": {"v1": 100}, "actor": str}``; ``end`` None for the current state. One query."""
+    states = list(
+        TrafficHistory.objects.filter(endpoint=endpoint)
+        .order_by("pk")
+        .values_list("created_at", "split", "actor_label")
     )
     rows = []
-    for i, event in enumerate(events):
-        end = events[i + 1].created_at if i + 1 < len(events) else None
-        traffic = (event.after or {}).get("traffic", {})
-        rows.append(
-            {"start": event.created_at, "end": end, "traffic": traffic, "actor": event.actor_label}
-        )
+    for i, (start, split, actor) in enumerate(states):
+        end = states[i + 1][0] if i + 1 < len(states) else None
+        rows.append({"start": start, "end": end, "traffic": split, "actor": actor})
     return rows
 
 

@@ -14,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from monitoring.selectors import live_versions
-from portal.audit import audit_verify
+from portal.audit import audit_record, audit_verify
 from portal.models import AuditEvent
 from registry.models import ModelVersion, RegisteredModel
 from rollouts import selectors, services
@@ -240,3 +240,66 @@ def test_traffic_set_refuses_an_endpoint_without_stable_or_a_blank_reason(
     with pytest.raises(ValidationError, match="has no live stable deployment"):
         services.traffic_set(endpoint=churn, split={canary.pk: 100}, actor=reviewer, reason="x")
     assert TrafficHistory.objects.count() == 0
+
+
+# --- (c) "what served when" reads the traffic history -------------------------------------
+
+
+def test_the_timeline_reads_the_traffic_history(churn, stable_and_canary, reviewer):
+    stable, canary, _ = stable_and_canary
+    services.traffic_set(
+        endpoint=churn, split={stable.pk: 90, canary.pk: 10}, actor=reviewer, reason="step"
+    )
+    services.traffic_set(endpoint=churn, split={stable.pk: 100}, actor=None, reason="abort")
+    # The audit trail is not what the timeline parses any more.
+    AuditEvent.objects.filter(action="traffic.changed").update(after={"traffic": {"v9": 100}})
+    timeline = selectors.traffic_timeline(churn)
+    assert [(row["traffic"], row["actor"]) for row in timeline] == [
+        ({"v1": 90, "v2": 10}, "bob"),
+        ({"v1": 100}, "system"),
+    ]
+    first, second = TrafficHistory.objects.order_by("pk")
+    assert (timeline[0]["start"], timeline[0]["end"]) == (first.created_at, second.created_at)
+    assert (timeline[1]["start"], timeline[1]["end"]) == (second.created_at, None)
+
+
+def test_the_migration_backfills_history_from_audit_events(churn, stable_and_canary, reviewer):
+    """Endpoints whose traffic changed before the history existed keep their timeline: the
+    rows come from the ``traffic.changed`` events, with their times and actors."""
+    stable, canary, _ = stable_and_canary
+    for actor, before, after in [
+        (None, {}, {"v1": 100}),
+        (reviewer, {"v1": 100}, {"v1": 80, "v2": 20}),
+    ]:
+        audit_record(
+            actor=actor,
+            action="traffic.changed",
+            obj=churn,
+            before={"traffic": before},
+            after={"traffic": after},
+        )
+    events = list(AuditEvent.objects.filter(action="traffic.changed").order_by("id"))
+    migration = importlib.import_module("rollouts.migrations.0011_backfill_traffic_history")
+    migration.backfill_history(apps, None)
+    migration.backfill_history(apps, None)  # again: nothing more
+    timeline = selectors.traffic_timeline(churn)
+    assert timeline == [
+        {
+            "start": events[0].created_at,
+            "end": events[1].created_at,
+            "traffic": {"v1": 100},
+            "actor": "system",
+        },
+        {
+            "start": events[1].created_at,
+            "end": None,
+            "traffic": {"v1": 80, "v2": 20},
+            "actor": "bob",
+        },
+    ]
+    rows = list(TrafficHistory.objects.order_by("pk"))
+    assert [r.deployment_split for r in rows] == [
+        {str(stable.pk): 100},
+        {str(stable.pk): 80, str(canary.pk): 20},
+    ]
+    assert (rows[1].actor, rows[1].reason) == (reviewer, f"from audit event #{events[1].pk}")
