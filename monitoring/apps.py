@@ -6,3 +6,11 @@ from django.apps import AppConfig
 class MonitoringConfig(AppConfig):
     name = "monitoring"
     verbose_name = "Monitoring"
+
+    def ready(self) -> None:
+        # rollouts defines the interfaces, monitoring implements them: rollouts never imports
+        # monitoring (tests/unit/test_architecture.py).
+        from monitoring.rollups import mark_logged_rows
+        from rollouts import hooks
+
+        hooks.register_prediction_logged(mark_logged_rows)

@@ -127,3 +127,86 @@ def test_the_traffic_weight_scan_finds_each_kind_of_write(source):
 )
 def test_the_traffic_weight_scan_ignores_reads(source):
     assert traffic_weight_writes("x.py", ast.parse(source)) == []
+
+
+# --- rollouts and registry never import monitoring ----------------------------------------
+
+
+def _is_monitoring(module: str) -> bool:
+    return module == "monitoring" or module.startswith("monitoring.")
+
+
+def monitoring_imports(path: str, tree: ast.Module) -> list[tuple[str, int, str]]:
+    """``(path, line, module)`` of every import of ``monitoring`` in ``tree``, at any depth
+    (function-level imports too): ``import``, ``from ... import`` (relative ones resolved from
+    ``path``), and ``importlib.import_module`` / ``__import__`` of a literal name."""
+    package = path.removesuffix(".py").split("/")
+    package = package[:-1] if package[-1] != "__init__" else package[:-1]
+    found = []
+    for node in ast.walk(tree):
+        modules: list[str] = []
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1] if node.level > 1 else package
+                prefix = ".".join(base)
+                base_module = f"{prefix}.{node.module}" if node.module else prefix
+            else:
+                base_module = node.module or ""
+            modules = [base_module, *(f"{base_module}.{alias.name}" for alias in node.names)]
+            modules = [m.strip(".") for m in modules]
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in {"import_module", "__import__"} and node.args:
+                first = node.args[0]
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    modules = [first.value]
+        for module in modules:
+            if _is_monitoring(module):
+                found.append((path, node.lineno, module))
+                break
+    return found
+
+
+def test_rollouts_and_registry_do_not_import_monitoring():
+    imports = [
+        f"{path}:{line} imports {module}"
+        for path, tree in _modules("rollouts", "registry")
+        for path, line, module in monitoring_imports(path, tree)
+    ]
+    assert not imports, "; ".join(imports)
+
+
+@pytest.mark.parametrize(
+    ("source", "module"),
+    [
+        ("import monitoring", "monitoring"),
+        ("import os, monitoring.rollups as r", "monitoring.rollups"),
+        ("from monitoring import alerts", "monitoring"),
+        ("def f():\n    from monitoring.rollups import mark_logged_rows", "monitoring.rollups"),
+        ("class A:\n    def f(self):\n        import monitoring.services", "monitoring.services"),
+        ("import importlib\nimportlib.import_module('monitoring.rollups')", "monitoring.rollups"),
+        ("__import__('monitoring')", "monitoring"),
+        ("from ... import monitoring", "monitoring"),
+        ("from ...monitoring.rollups import x", "monitoring.rollups"),
+    ],
+)
+def test_the_import_scan_finds_each_kind_of_import(source, module):
+    found = monitoring_imports("rollouts/serving/logbuffer.py", ast.parse(source))
+    assert [m for _, _, m in found] == [module]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import monitoring_tools",
+        "from rollouts import hooks",
+        "from . import batching",
+        "from .. import models",
+        "x = 'monitoring'",
+    ],
+)
+def test_the_import_scan_ignores_other_imports(source):
+    assert monitoring_imports("rollouts/serving/logbuffer.py", ast.parse(source)) == []

@@ -18,7 +18,14 @@ from portal.audit import audit_record, audit_verify
 from portal.models import AuditEvent
 from registry.models import ModelVersion, RegisteredModel
 from rollouts import selectors, services
-from rollouts.models import Deployment, DeploymentRequest, Endpoint, Environment, TrafficHistory
+from rollouts.models import (
+    Deployment,
+    DeploymentRequest,
+    Endpoint,
+    Environment,
+    PredictionLog,
+    TrafficHistory,
+)
 
 NOW = timezone.now()
 Role = Deployment.Role
@@ -303,3 +310,38 @@ def test_the_migration_backfills_history_from_audit_events(churn, stable_and_can
         {str(stable.pk): 80, str(canary.pk): 20},
     ]
     assert (rows[1].actor, rows[1].reason) == (reviewer, f"from audit event #{events[1].pk}")
+
+
+# --- (d) monitoring plugs into rollouts through hooks -------------------------------------
+
+
+def test_monitoring_registers_its_prediction_log_hook_at_start_up():
+    from monitoring.rollups import mark_logged_rows
+    from rollouts import hooks
+
+    assert mark_logged_rows in hooks.prediction_logged_callbacks()
+
+
+def test_the_log_writer_calls_the_registered_hooks(churn, stable_and_canary):
+    from monitoring.models import StaleWindow
+    from rollouts import hooks
+    from rollouts.serving.logbuffer import LogBuffer
+
+    stable = stable_and_canary[0]
+    seen = []
+    hooks.register_prediction_logged(seen.append)
+    try:
+        row = PredictionLog(
+            endpoint=churn,
+            model_version=stable.model_version,
+            features={"x": 1},
+            prediction=1,
+            latency_ms=1.0,
+            created_at=NOW,
+        )
+        LogBuffer().append([row])
+    finally:
+        hooks.unregister_prediction_logged(seen.append)
+    assert seen == [[row]] and row.pk is not None
+    # monitoring's own hook ran too: the row's hour is stale for the rollups.
+    assert StaleWindow.objects.filter(endpoint=churn, model_version=stable.model_version).exists()
