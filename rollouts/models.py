@@ -454,6 +454,16 @@ class PredictionLog(models.Model):
     model_version = models.ForeignKey(
         ModelVersion, on_delete=models.PROTECT, related_name="predictions"
     )
+    # Which deployment answered: a version's canary and stable runs are never mixed. Empty
+    # only on rows logged before it was recorded.
+    deployment = models.ForeignKey(
+        Deployment,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="predictions",
+        help_text="the deployment that answered; empty on rows logged before it was recorded",
+    )
     api_key = models.ForeignKey(
         ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="predictions"
     )
@@ -493,14 +503,22 @@ class PredictionLog(models.Model):
 class ServingError(models.Model):
     """One scoring request answered with an error (4xx or 5xx), for error rates.
 
-    ``model_version`` is set once the request was routed (bad input, model errors); errors
-    before routing (authentication, rate limit) have only the endpoint.
+    ``model_version`` and ``deployment`` are set once the request was routed (bad input, model
+    errors); errors before routing (authentication, rate limit) have only the endpoint.
     """
 
     request_id = models.UUIDField()
     endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="serving_errors")
     model_version = models.ForeignKey(
         ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    deployment = models.ForeignKey(
+        Deployment,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="the deployment the request was routed to, once routed",
     )
     status_code = models.PositiveSmallIntegerField()
     error_code = models.CharField(max_length=64)
