@@ -388,6 +388,103 @@ class Deployment(models.Model):
         return f"{self.model_version} on {self.endpoint} ({self.status})"
 
 
+class Rollout(models.Model):
+    """How one approved request changes its endpoint's traffic: its own state beside the
+    request's (the approval record), and a :class:`RolloutStep` per step of its strategy.
+
+    Made when the request is approved (``rollouts.services``); the direct strategy has one step
+    of 100 %. A direct rollout's states follow its request's audited transitions (deployment
+    started, live, failed, cancelled), so it writes no audit events of its own.
+    """
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending"
+        PROGRESSING = "progressing", "Progressing"
+        PAUSED = "paused", "Paused"
+        AWAITING_PERSON = "awaiting_person", "Awaiting a person"
+        SUCCEEDED = "succeeded", "Succeeded"
+        ABORTED = "aborted", "Aborted"
+
+    # The only allowed moves; ``rollouts.services`` raises InvalidTransition for any other.
+    TRANSITIONS: dict[str, frozenset[str]] = {
+        State.PENDING: frozenset({State.PROGRESSING, State.ABORTED}),
+        State.PROGRESSING: frozenset(
+            {State.PAUSED, State.AWAITING_PERSON, State.SUCCEEDED, State.ABORTED}
+        ),
+        State.PAUSED: frozenset({State.PROGRESSING, State.ABORTED}),
+        State.AWAITING_PERSON: frozenset({State.PROGRESSING, State.ABORTED}),
+        State.SUCCEEDED: frozenset(),
+        State.ABORTED: frozenset(),
+    }
+    ACTIVE = frozenset({State.PENDING, State.PROGRESSING, State.PAUSED, State.AWAITING_PERSON})
+    TERMINAL = frozenset({State.SUCCEEDED, State.ABORTED})
+
+    request = models.OneToOneField(
+        DeploymentRequest, on_delete=models.PROTECT, related_name="rollout"
+    )
+    strategy = models.CharField(max_length=32, choices=Strategy.choices)
+    state = models.CharField(
+        max_length=32, choices=State.choices, default=State.PENDING, db_index=True
+    )
+    state_reason = models.TextField(blank=True)
+    # The claim of the worker advancing the rollout, in the database (the default cache is per
+    # process): a step executor takes it with a conditional update; once ``lease_until`` has
+    # passed, the claimant is presumed dead and beat may hand the rollout to another worker.
+    lease_owner = models.CharField(max_length=64, blank=True, help_text="the claiming worker")
+    lease_until = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="the claim's expiry"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"rollout of request #{self.request_id} ({self.strategy}, {self.state})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in self.ACTIVE
+
+
+class RolloutStep(models.Model):
+    """One step of a rollout: the weight it plans for the new version, when it ran, and the
+    analysis verdict with the figures it was judged on (empty verdict: no analysis ran, as in
+    the direct strategy's single step)."""
+
+    class Verdict(models.TextChoices):
+        PASS = "pass", "Pass"
+        FAIL = "fail", "Fail"
+        INCONCLUSIVE = "inconclusive", "Inconclusive"
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="steps")
+    index = models.PositiveSmallIntegerField(help_text="0 for the first step")
+    planned_weight = models.PositiveSmallIntegerField(
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="percent of traffic for the new version in this step",
+    )
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    verdict = models.CharField(max_length=16, choices=Verdict.choices, blank=True)
+    figures = models.JSONField(default=dict, blank=True, help_text="what the verdict judged")
+
+    class Meta:
+        ordering = ["rollout", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["rollout", "index"], name="one_step_per_index"),
+            models.CheckConstraint(
+                condition=models.Q(planned_weight__gte=1, planned_weight__lte=100),
+                name="step_weight_1_to_100",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"step {self.index} ({self.planned_weight}%) of rollout #{self.rollout_id}"
+
+
 class TrafficHistory(models.Model):
     """One traffic state of an endpoint, from when it was set until the next row: the record
     ``rollouts.services.traffic_set`` writes, and what "what served when" reads.
@@ -398,14 +495,20 @@ class TrafficHistory(models.Model):
     written before this table existed have the deployment ids that could be matched.
     """
 
-    endpoint = models.ForeignKey(
-        Endpoint, on_delete=models.PROTECT, related_name="traffic_history"
-    )
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="traffic_history")
     split = models.JSONField(default=dict, help_text='percent per version, e.g. {"v1": 100}')
     deployment_split = models.JSONField(
         default=dict, blank=True, help_text="percent per deployment id, as set"
     )
     reason = models.TextField(blank=True)
+    rollout_step = models.ForeignKey(
+        RolloutStep,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="traffic_changes",
+        help_text="the rollout step that set it; empty for rollbacks and older rows",
+    )
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -550,7 +653,9 @@ class NotificationOutbox(models.Model):
     request = models.ForeignKey(
         DeploymentRequest, on_delete=models.CASCADE, related_name="notifications"
     )
-    event = models.CharField(max_length=32, help_text="awaiting_review, or a key of notifications.REQUESTER_EVENTS")
+    event = models.CharField(
+        max_length=32, help_text="awaiting_review, or a key of notifications.REQUESTER_EVENTS"
+    )
     status = models.CharField(
         max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True
     )

@@ -42,6 +42,8 @@ from rollouts.models import (
     FreezeWindow,
     GateResult,
     Review,
+    Rollout,
+    RolloutStep,
     Strategy,
     TrafficHistory,
 )
@@ -456,6 +458,7 @@ def _approve(
         before={"status": old},
         after={"status": req.status, "approvals": approvals, "comment": comment},
     )
+    rollout_plan(req)
     _notify(req.pk, "approved")
     enqueue_on_commit(tasks.execute_deployment, req.pk)
     return req
@@ -518,6 +521,8 @@ def deployment_request_cancel(*, request_id: int, actor: User) -> DeploymentRequ
         )
         req.deploy_lease_until = None
         req.save(update_fields=["deploy_lease_until", "updated_at"])
+    if old in (Status.APPROVED, Status.DEPLOYING):
+        _rollout_end(req, Rollout.State.ABORTED, reason=reason)
     _audit(req, "request.cancelled", actor, before={"status": old}, after={"status": req.status})
     return req
 
@@ -724,6 +729,65 @@ def freeze_window_create(
 # --- Deployment execution (called by the Celery task) ----------------------------------------
 
 
+# --- Rollouts ----------------------------------------------------------------------------------
+
+#: The steps of each strategy, as planned weights of the new version (percent).
+STRATEGY_STEPS: dict[str, tuple[int, ...]] = {Strategy.DIRECT: (100,)}
+
+
+def rollout_plan(req: DeploymentRequest) -> Rollout:
+    """The request's rollout (state pending) with one step per planned weight of its strategy
+    (direct: one step of 100 %); the existing one if it has one already. Call it in the
+    transaction that holds the request's row lock."""
+    rollout, created = Rollout.objects.get_or_create(
+        request=req, defaults={"strategy": req.strategy}
+    )
+    if created:
+        RolloutStep.objects.bulk_create(
+            RolloutStep(rollout=rollout, index=i, planned_weight=weight)
+            for i, weight in enumerate(STRATEGY_STEPS[req.strategy])
+        )
+    return rollout
+
+
+def _rollout_transition(rollout: Rollout, new: str, *, reason: str = "") -> None:
+    """Move a locked rollout to ``new`` per ``Rollout.TRANSITIONS``. Raises InvalidTransition."""
+    if new not in Rollout.TRANSITIONS[rollout.state]:
+        raise InvalidTransition(
+            f"The rollout of request #{rollout.request_id} is "
+            f"{rollout.get_state_display().lower()}; it cannot become "
+            f"{Rollout.State(new).label.lower()}."
+        )
+    now = timezone.now()
+    rollout.state, rollout.state_reason = new, reason
+    fields = ["state", "state_reason", "updated_at"]
+    if new == Rollout.State.PROGRESSING and rollout.started_at is None:
+        rollout.started_at = now
+        fields.append("started_at")
+    if new in Rollout.TERMINAL:
+        rollout.ended_at, rollout.lease_owner, rollout.lease_until = now, "", None
+        fields += ["ended_at", "lease_owner", "lease_until"]
+    rollout.save(update_fields=fields)
+
+
+def _locked_rollout(req: DeploymentRequest) -> Rollout:
+    """The request's rollout, locked; planned now for a request approved before rollouts
+    existed."""
+    rollout_plan(req)
+    return Rollout.objects.select_for_update().get(request=req)
+
+
+def _rollout_end(req: DeploymentRequest, state: str, *, reason: str = "") -> None:
+    """End the request's active rollout (succeeded or aborted) and its step in progress."""
+    rollout = _locked_rollout(req)
+    if not rollout.is_active:
+        return
+    RolloutStep.objects.filter(
+        rollout=rollout, started_at__isnull=False, ended_at__isnull=True
+    ).update(ended_at=timezone.now())
+    _rollout_transition(rollout, state, reason=reason)
+
+
 def deploy_lease() -> timedelta:
     """How long a deploy task's claim on a request lasts: the task's hard time limit (the
     worker kills the task after it) plus a margin; after that the claimant is presumed dead."""
@@ -804,6 +868,13 @@ def _deployment_begin(request_id: int) -> tuple[DeploymentRequest, Deployment | 
         req.save(update_fields=["deploy_attempts", "deploy_lease_until", "updated_at"])
     if req.status not in (Status.DEPLOYING, Status.LIVE):
         return req, None, False
+    if claimed:
+        rollout = _locked_rollout(req)
+        if rollout.state == Rollout.State.PENDING:
+            _rollout_transition(rollout, Rollout.State.PROGRESSING)
+        RolloutStep.objects.filter(rollout=rollout, index=0, started_at__isnull=True).update(
+            started_at=now
+        )
     deployment, _ = Deployment.objects.get_or_create(
         request=req, defaults={"endpoint": req.endpoint, "model_version": req.model_version}
     )
@@ -858,6 +929,7 @@ def _deployment_fail(request_id: int, *, reason: str) -> DeploymentRequest:
     Deployment.objects.filter(request=req).update(
         status=Deployment.Status.FAILED, failure_reason=reason
     )
+    _rollout_end(req, Rollout.State.ABORTED, reason=reason)
     _audit(
         req,
         "deployment.failed",
@@ -900,7 +972,12 @@ def _split_problem(split: object) -> str:
 
 @transaction.atomic
 def traffic_set(
-    *, endpoint: Endpoint | int, split: dict[int, int], actor: User | None, reason: str
+    *,
+    endpoint: Endpoint | int,
+    split: dict[int, int],
+    actor: User | None,
+    reason: str,
+    rollout_step: RolloutStep | None = None,
 ) -> TrafficHistory:
     """Set an endpoint's traffic split: the one writer of ``Deployment.traffic_weight``.
 
@@ -910,15 +987,16 @@ def traffic_set(
     deployments may get weight. Locks the endpoint row, so concurrent writers apply one after
     the other; the caller changes statuses and roles first, in the same transaction.
 
-    Writes one :class:`TrafficHistory` row (``reason``, ``actor``; None is the system) and one
+    Writes one :class:`TrafficHistory` row (``reason``, ``actor``: None is the system, and the
+    ``rollout_step`` that set it, None for a rollback) and one
     ``traffic.changed`` audit event whose ``before`` and ``after`` are ``{"traffic": {"v1":
     100}}``, the versions that carried traffic before and after. Returns the history row.
 
     Raises:
         ValidationError: a split that is not such a mapping, weights that are not integers 0 to
             100 or do not add up to 100, a deployment that is not this endpoint's, weight to a
-            deployment that is not live, no live stable, stable missing or at 0, or a blank
-            ``reason``. Nothing is written then.
+            deployment that is not live, no live stable, stable missing or at 0, a blank
+            ``reason``, or a ``rollout_step`` of another endpoint. Nothing is written then.
     """
     endpoint_id = endpoint if isinstance(endpoint, int) else endpoint.pk
     endpoint = (
@@ -930,6 +1008,15 @@ def traffic_set(
         raise ValidationError({"split": problem})
     if not reason.strip():
         raise ValidationError({"reason": "Say why the traffic changes."})
+    if (
+        rollout_step is not None
+        and not Rollout.objects.filter(
+            pk=rollout_step.rollout_id, request__endpoint_id=endpoint.pk
+        ).exists()
+    ):
+        raise ValidationError(
+            {"rollout_step": f"{rollout_step} is not a step of a rollout on {endpoint.name}."}
+        )
     deployments = list(
         endpoint.deployments.select_for_update()
         .filter(models.Q(pk__in=list(split)) | models.Q(traffic_weight__gt=0))
@@ -975,6 +1062,7 @@ def traffic_set(
         split=after,
         deployment_split={str(pk): weight for pk, weight in sorted(split.items())},
         reason=reason.strip(),
+        rollout_step=rollout_step,
         actor=user,
         actor_label=user.get_username() if user else "system",
         created_at=timezone.now(),
@@ -1030,12 +1118,16 @@ def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
         before={"status": old},
         after={"status": req.status, "artifact_digest": digest},
     )
+    rollout = _locked_rollout(req)
+    step = rollout.steps.get(index=0)
     traffic_set(
         endpoint=endpoint,
         split={deployment.pk: 100},
         actor=None,
         reason=f"request #{req.pk} went live (direct)",
+        rollout_step=step,
     )
+    _rollout_end(req, Rollout.State.SUCCEEDED)
     _notify(req.pk, "live")
     return req
 

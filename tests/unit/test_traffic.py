@@ -24,6 +24,8 @@ from rollouts.models import (
     Endpoint,
     Environment,
     PredictionLog,
+    Rollout,
+    RolloutStep,
     TrafficHistory,
 )
 
@@ -345,3 +347,130 @@ def test_the_log_writer_calls_the_registered_hooks(churn, stable_and_canary):
     assert seen == [[row]] and row.pk is not None
     # monitoring's own hook ran too: the row's hour is stale for the rollups.
     assert StaleWindow.objects.filter(endpoint=churn, model_version=stable.model_version).exists()
+
+
+# --- (f) a rollout per approved request -------------------------------------------------
+
+
+def _rollout_summary(req):
+    rollout = Rollout.objects.get(request=req)
+    steps = [
+        (s.index, s.planned_weight, s.started_at is not None, s.ended_at is not None, s.verdict)
+        for s in rollout.steps.order_by("index")
+    ]
+    return rollout, steps
+
+
+def test_a_direct_deploy_is_a_one_step_rollout(synced, deploy, reviewer):
+    v1, v2 = synced
+    first = deploy(v1, "staging")
+    rollout, steps = _rollout_summary(first)
+    assert (rollout.strategy, rollout.state) == ("direct", Rollout.State.SUCCEEDED)
+    assert rollout.started_at <= rollout.ended_at
+    assert steps == [(0, 100, True, True, "")]  # no analysis in a direct step
+    # The traffic change names the step that made it; a rollback names none.
+    assert TrafficHistory.objects.get(endpoint=first.endpoint).rollout_step == rollout.steps.get()
+    Environment.objects.filter(name="staging").update(metric_tolerance=0.1)
+    second = deploy(v2, "staging")
+    services.deployment_rollback(endpoint_id=first.endpoint_id, actor=reviewer, reason="errors")
+    history = list(
+        TrafficHistory.objects.order_by("pk").values_list(
+            "rollout_step__rollout__request", flat=True
+        )
+    )
+    assert history == [first.pk, second.pk, None]
+    assert Rollout.objects.get(request=second).state == Rollout.State.SUCCEEDED
+
+
+def test_a_failed_deploy_aborts_its_rollout(synced, awaiting_review, reviewer, monkeypatch,
+                                            django_capture_on_commit_callbacks):  # fmt: skip
+    v1, _ = synced
+    req = awaiting_review(v1)
+    assert not Rollout.objects.filter(request=req).exists()  # not approved yet
+
+    def broken(model_version):
+        raise RuntimeError("smoke test failed: predict raised ValueError: boom")
+
+    monkeypatch.setattr(services, "_smoke_test", broken)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.deployment_request_approve(request_id=req.pk, reviewer=reviewer)
+    req.refresh_from_db()
+    assert req.status == DeploymentRequest.Status.FAILED
+    rollout, steps = _rollout_summary(req)
+    assert (rollout.state, rollout.state_reason) == (Rollout.State.ABORTED, req.status_reason)
+    assert steps == [(0, 100, True, True, "")]
+    assert not TrafficHistory.objects.exists()
+
+
+def test_cancelling_an_approved_request_aborts_its_rollout(
+    synced, awaiting_review, reviewer, data_scientist, django_capture_on_commit_callbacks
+):
+    v1, _ = synced
+    req = awaiting_review(v1)
+    with django_capture_on_commit_callbacks(execute=False):  # the deploy task never runs
+        services.deployment_request_approve(request_id=req.pk, reviewer=reviewer)
+    rollout, steps = _rollout_summary(req)
+    assert (rollout.state, steps) == (Rollout.State.PENDING, [(0, 100, False, False, "")])
+    services.deployment_request_cancel(request_id=req.pk, actor=data_scientist)
+    rollout, steps = _rollout_summary(req)
+    assert (rollout.state, rollout.state_reason) == (Rollout.State.ABORTED, "cancelled by alice")
+    assert rollout.ended_at is not None and steps == [(0, 100, False, False, "")]
+
+
+def test_a_finished_rollout_cannot_move_and_steps_are_checked_by_the_database(
+    churn, data_scientist
+):
+    version = ModelVersion.objects.get(registered_model=churn.registered_model, version=1)
+    req = DeploymentRequest.objects.create(
+        model_version=version,
+        endpoint=churn,
+        justification="x",
+        requester=data_scientist,
+        status=DeploymentRequest.Status.APPROVED,
+    )
+    rollout = services.rollout_plan(req)
+    assert services.rollout_plan(req) == rollout and rollout.steps.count() == 1  # once
+    services._rollout_transition(rollout, Rollout.State.PROGRESSING)
+    services._rollout_transition(rollout, Rollout.State.SUCCEEDED)
+    for state in (Rollout.State.PROGRESSING, Rollout.State.PAUSED, Rollout.State.ABORTED):
+        with pytest.raises(services.InvalidTransition, match="succeeded; it cannot become"):
+            services._rollout_transition(rollout, state)
+    assert Rollout.objects.get(pk=rollout.pk).state == Rollout.State.SUCCEEDED
+    for index, weight in [(1, 0), (1, 101), (0, 50)]:  # out of 1..100; index taken
+        with pytest.raises(IntegrityError), transaction.atomic():
+            RolloutStep.objects.create(rollout=rollout, index=index, planned_weight=weight)
+
+
+def test_traffic_set_refuses_a_step_of_another_endpoints_rollout(
+    churn, stable_and_canary, data_scientist
+):
+    other = Endpoint.objects.create(
+        name="churn-production",
+        environment=Environment.objects.get(name="production"),
+        registered_model=churn.registered_model,
+    )
+    version = ModelVersion.objects.get(registered_model=churn.registered_model, version=1)
+    req = DeploymentRequest.objects.create(
+        model_version=version, endpoint=other, justification="x", requester=data_scientist
+    )
+    step = services.rollout_plan(req).steps.get()
+    with pytest.raises(ValidationError, match="is not a step of a rollout on churn-staging"):
+        services.traffic_set(
+            endpoint=churn,
+            split={stable_and_canary[0].pk: 100},
+            actor=None,
+            reason="x",
+            rollout_step=step,
+        )
+    assert not TrafficHistory.objects.exists()
+
+
+@pytest.mark.parametrize("model", ["rollout", "rolloutstep", "traffichistory"])
+def test_the_admin_lists_rollouts_steps_and_history_read_only(
+    model, synced, deploy, client, platform_admin
+):
+    v1, _ = synced
+    deploy(v1, "staging")
+    client.force_login(platform_admin)
+    assert client.get(f"/admin/rollouts/{model}/").status_code == 200
+    assert client.get(f"/admin/rollouts/{model}/add/").status_code == 403
