@@ -201,6 +201,8 @@ def build_fixture(start: datetime, end: datetime) -> dict:
             model_version=version,
             request=req,
             status=deployment_status,
+            # v3 is tried against v2: a canary (stable is a row, not the larger weight).
+            role=Deployment.Role.CANARY if version == versions[2] else Deployment.Role.STABLE,
             traffic_weight=weight,
             live_at=live_at,
             retired_at=start + span * 0.6

@@ -16,6 +16,7 @@ from monitoring.queries import RangeQuery
 from portal.api import ApiView
 from portal.roles import user_roles
 from rollouts.auth import ApiKeyAuthentication, ApiKeyClient
+from rollouts.models import Deployment
 from rollouts.selectors import endpoints_visible_to
 
 MAX_FEEDBACK_ITEMS = 10_000
@@ -154,7 +155,7 @@ class VersionMetricsSerializer(TrafficSerializer):
     """Figures of one version over the range; a null figure has its reason in ``undefined``."""
 
     version = serializers.IntegerField()
-    role = serializers.ChoiceField(choices=["stable", "canary", "not live"])
+    role = serializers.ChoiceField(choices=[*Deployment.Role.values, "not live"])
     traffic_weight = serializers.IntegerField(allow_null=True)
     task = serializers.CharField(help_text="classification or regression")
     window = serializers.SerializerMethodField()

@@ -7,8 +7,12 @@ class MonitoringConfig(AppConfig):
     name = "monitoring"
     verbose_name = "Monitoring"
 
-    def ready(self):
+    def ready(self) -> None:
+        # rollouts defines the interfaces, monitoring implements them: rollouts never imports
+        # monitoring (tests/unit/test_architecture.py).
         from monitoring.canary import PredictionLogAnalysis
-        from rollouts import analysis
+        from monitoring.rollups import mark_logged_rows
+        from rollouts import analysis, hooks
 
+        hooks.register_prediction_logged(mark_logged_rows)
         analysis.register(PredictionLogAnalysis())

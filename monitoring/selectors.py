@@ -33,7 +33,7 @@ from monitoring.rollups import (
 from portal.queries import BadQuery, validated_query
 from registry.models import ModelVersion
 from rollouts.models import Deployment, DeploymentRequest, Endpoint
-from rollouts.selectors import endpoints_visible_to
+from rollouts.selectors import endpoints_visible_to, live_deployments_by_role
 
 WINDOWS = (Granularity.HOUR.value, Granularity.DAY.value)
 #: Range shown when ``?days=`` is absent, and the longest range a window allows (longer ranges
@@ -133,26 +133,23 @@ def data_span(endpoint: Endpoint, now: datetime) -> timedelta:
 class LiveVersion:
     version_id: int
     version: int
-    role: str  # "stable" or "canary"
+    role: str  # a Deployment.Role value: "stable", "canary", "shadow" or "variant"
     traffic_weight: int
 
 
 def live_versions(endpoint_ids: Iterable[int]) -> dict[int, list[LiveVersion]]:
     """The live versions of each endpoint, stable first. One query.
 
-    Stable is the live deployment with the largest traffic weight (ties: the one live first,
-    i.e. the release the others are tried against); every other live deployment is a canary.
+    Roles are the deployments' own (``rollouts.selectors.live_deployments_by_role``), never
+    inferred from traffic weights.
     """
-    rows = (
-        Deployment.objects.filter(endpoint_id__in=list(endpoint_ids), status=Deployment.Status.LIVE)
-        .order_by("endpoint_id", "-traffic_weight", F("live_at").asc(nulls_last=True), "pk")
-        .values_list("endpoint_id", "model_version_id", "model_version__version", "traffic_weight")
-    )
-    out: dict[int, list[LiveVersion]] = defaultdict(list)
-    for endpoint_id, version_id, number, weight in rows:
-        role = "stable" if not out[endpoint_id] else "canary"
-        out[endpoint_id].append(LiveVersion(version_id, number, role, weight))
-    return dict(out)
+    return {
+        endpoint_id: [
+            LiveVersion(d.model_version_id, d.model_version.version, d.role, d.traffic_weight)
+            for d in deployments
+        ]
+        for endpoint_id, deployments in live_deployments_by_role(endpoint_ids).items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +163,7 @@ class VersionFigures:
 
     version_id: int
     version: int
-    role: str  # "stable", "canary" or "not live"
+    role: str  # a Deployment.Role value, or "not live"
     traffic_weight: int | None
     task: str
     requests: int = 0
@@ -417,7 +414,7 @@ def endpoint_figures(
                 classes=known.get(version_id),
             )
         )
-    order = {"stable": 0, "canary": 1, "not live": 2}
+    order = {"stable": 0, "canary": 1, "shadow": 2, "variant": 3, "not live": 4}
     versions.sort(key=lambda v: (order[v.role], -v.version))
     return EndpointFigures(versions=versions, series=series)
 

@@ -13,6 +13,9 @@ from rollouts.models import (
     Endpoint,
     Environment,
     FreezeWindow,
+    Rollout,
+    RolloutStep,
+    TrafficHistory,
 )
 
 
@@ -157,8 +160,40 @@ class DeploymentRequestAdmin(AuditedModelAdmin):
 
 @admin.register(Deployment)
 class DeploymentAdmin(DeploymentRequestAdmin):
-    list_display = ["pk", "model_version", "endpoint", "status", "traffic_weight", "live_at"]
-    list_filter = ["status", "endpoint"]
+    list_display = [
+        "pk",
+        "model_version",
+        "endpoint",
+        "status",
+        "role",
+        "traffic_weight",
+        "live_at",
+    ]
+    list_filter = ["status", "role", "endpoint"]
+
+
+@admin.register(Rollout)
+class RolloutAdmin(DeploymentRequestAdmin):
+    """Read-only: rollouts move only through the services (approval, the deploy task)."""
+
+    list_display = ["pk", "request", "strategy", "state", "started_at", "ended_at"]
+    list_filter = ["state", "strategy"]
+
+
+@admin.register(RolloutStep)
+class RolloutStepAdmin(DeploymentRequestAdmin):
+    """Read-only, as its rollout."""
+
+    list_display = ["pk", "rollout", "index", "planned_weight", "verdict", "started_at", "ended_at"]
+    list_filter = ["verdict"]
+
+
+@admin.register(TrafficHistory)
+class TrafficHistoryAdmin(DeploymentRequestAdmin):
+    """Read-only: written only by ``services.traffic_set``."""
+
+    list_display = ["pk", "endpoint", "split", "reason", "actor_label", "created_at"]
+    list_filter = ["endpoint"]
 
 
 class ApiKeyForm(forms.ModelForm):

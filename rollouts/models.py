@@ -346,6 +346,16 @@ class Deployment(models.Model):
         FAILED = "failed", "Failed"
         RETIRED = "retired", "Retired"
 
+    class Role(models.TextChoices):
+        """What a deployment is on its endpoint. Stable is this explicit row, never the
+        largest traffic weight; a database constraint allows at most one live stable per
+        endpoint (``rollouts.selectors.endpoint_roles`` reads it)."""
+
+        STABLE = "stable", "Stable"
+        CANARY = "canary", "Canary"
+        SHADOW = "shadow", "Shadow"
+        VARIANT = "variant", "Variant"
+
     endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="deployments")
     model_version = models.ForeignKey(
         ModelVersion, on_delete=models.PROTECT, related_name="deployments"
@@ -354,6 +364,8 @@ class Deployment(models.Model):
         DeploymentRequest, on_delete=models.PROTECT, related_name="deployment"
     )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.LAUNCHING)
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.STABLE)
+    # Written only by ``rollouts.services.traffic_set`` (a unit test greps for other writers).
     traffic_weight = models.PositiveSmallIntegerField(default=0, help_text="percent of traffic")
     artifact_digest = models.CharField(max_length=64, blank=True)
     failure_reason = models.TextField(blank=True)
@@ -364,9 +376,153 @@ class Deployment(models.Model):
     class Meta:
         ordering = ["-started_at"]
         indexes = [models.Index(fields=["endpoint", "status"])]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["endpoint"],
+                condition=models.Q(status="live", role="stable"),
+                name="one_live_stable_per_endpoint",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.model_version} on {self.endpoint} ({self.status})"
+
+
+class Rollout(models.Model):
+    """How one approved request changes its endpoint's traffic: its own state beside the
+    request's (the approval record), and a :class:`RolloutStep` per step of its strategy.
+
+    Made when the request is approved (``rollouts.services``); the direct strategy has one step
+    of 100 %. A direct rollout's states follow its request's audited transitions (deployment
+    started, live, failed, cancelled), so it writes no audit events of its own.
+    """
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending"
+        PROGRESSING = "progressing", "Progressing"
+        PAUSED = "paused", "Paused"
+        AWAITING_PERSON = "awaiting_person", "Awaiting a person"
+        SUCCEEDED = "succeeded", "Succeeded"
+        ABORTED = "aborted", "Aborted"
+
+    # The only allowed moves; ``rollouts.services`` raises InvalidTransition for any other.
+    TRANSITIONS: dict[str, frozenset[str]] = {
+        State.PENDING: frozenset({State.PROGRESSING, State.ABORTED}),
+        State.PROGRESSING: frozenset(
+            {State.PAUSED, State.AWAITING_PERSON, State.SUCCEEDED, State.ABORTED}
+        ),
+        State.PAUSED: frozenset({State.PROGRESSING, State.ABORTED}),
+        State.AWAITING_PERSON: frozenset({State.PROGRESSING, State.ABORTED}),
+        State.SUCCEEDED: frozenset(),
+        State.ABORTED: frozenset(),
+    }
+    ACTIVE = frozenset({State.PENDING, State.PROGRESSING, State.PAUSED, State.AWAITING_PERSON})
+    TERMINAL = frozenset({State.SUCCEEDED, State.ABORTED})
+
+    request = models.OneToOneField(
+        DeploymentRequest, on_delete=models.PROTECT, related_name="rollout"
+    )
+    strategy = models.CharField(max_length=32, choices=Strategy.choices)
+    state = models.CharField(
+        max_length=32, choices=State.choices, default=State.PENDING, db_index=True
+    )
+    state_reason = models.TextField(blank=True)
+    # The claim of the worker advancing the rollout, in the database (the default cache is per
+    # process): a step executor takes it with a conditional update; once ``lease_until`` has
+    # passed, the claimant is presumed dead and beat may hand the rollout to another worker.
+    lease_owner = models.CharField(max_length=64, blank=True, help_text="the claiming worker")
+    lease_until = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="the claim's expiry"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"rollout of request #{self.request_id} ({self.strategy}, {self.state})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in self.ACTIVE
+
+
+class RolloutStep(models.Model):
+    """One step of a rollout: the weight it plans for the new version, when it ran, and the
+    analysis verdict with the figures it was judged on (empty verdict: no analysis ran, as in
+    the direct strategy's single step)."""
+
+    class Verdict(models.TextChoices):
+        PASS = "pass", "Pass"
+        FAIL = "fail", "Fail"
+        INCONCLUSIVE = "inconclusive", "Inconclusive"
+
+    rollout = models.ForeignKey(Rollout, on_delete=models.CASCADE, related_name="steps")
+    index = models.PositiveSmallIntegerField(help_text="0 for the first step")
+    planned_weight = models.PositiveSmallIntegerField(
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="percent of traffic for the new version in this step",
+    )
+    started_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    verdict = models.CharField(max_length=16, choices=Verdict.choices, blank=True)
+    figures = models.JSONField(default=dict, blank=True, help_text="what the verdict judged")
+
+    class Meta:
+        ordering = ["rollout", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["rollout", "index"], name="one_step_per_index"),
+            models.CheckConstraint(
+                condition=models.Q(planned_weight__gte=1, planned_weight__lte=100),
+                name="step_weight_1_to_100",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"step {self.index} ({self.planned_weight}%) of rollout #{self.rollout_id}"
+
+
+class TrafficHistory(models.Model):
+    """One traffic state of an endpoint, from when it was set until the next row: the record
+    ``rollouts.services.traffic_set`` writes, and what "what served when" reads.
+
+    ``split`` is what served, ``{"v<version>": percent}`` over the deployments given traffic
+    (the ``traffic.changed`` audit event's ``after``); ``deployment_split`` the whole split as
+    set, ``{"<deployment id>": percent}``, zeros included. Rows backfilled from audit events
+    written before this table existed have the deployment ids that could be matched.
+    """
+
+    endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="traffic_history")
+    split = models.JSONField(default=dict, help_text='percent per version, e.g. {"v1": 100}')
+    deployment_split = models.JSONField(
+        default=dict, blank=True, help_text="percent per deployment id, as set"
+    )
+    reason = models.TextField(blank=True)
+    rollout_step = models.ForeignKey(
+        RolloutStep,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="traffic_changes",
+        help_text="the rollout step that set it; empty for rollbacks and older rows",
+    )
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    actor_label = models.CharField(max_length=150, help_text="username, or 'system' for tasks")
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["created_at", "pk"]
+        verbose_name_plural = "traffic history"
+        indexes = [models.Index(fields=["endpoint", "created_at"])]
+
+    def __str__(self) -> str:
+        shares = ", ".join(f"{v} {w}%" for v, w in self.split.items()) or "nothing"
+        return f"{self.endpoint_id}: {shares} at {self.created_at:%Y-%m-%d %H:%M:%S}"
 
 
 class ApiKey(models.Model):
@@ -400,6 +556,16 @@ class PredictionLog(models.Model):
     endpoint = models.ForeignKey(Endpoint, on_delete=models.PROTECT, related_name="predictions")
     model_version = models.ForeignKey(
         ModelVersion, on_delete=models.PROTECT, related_name="predictions"
+    )
+    # Which deployment answered: a version's canary and stable runs are never mixed. Empty
+    # only on rows logged before it was recorded.
+    deployment = models.ForeignKey(
+        Deployment,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="predictions",
+        help_text="the deployment that answered; empty on rows logged before it was recorded",
     )
     api_key = models.ForeignKey(
         ApiKey, null=True, blank=True, on_delete=models.SET_NULL, related_name="predictions"
@@ -440,14 +606,22 @@ class PredictionLog(models.Model):
 class ServingError(models.Model):
     """One scoring request answered with an error (4xx or 5xx), for error rates.
 
-    ``model_version`` is set once the request was routed (bad input, model errors); errors
-    before routing (authentication, rate limit) have only the endpoint.
+    ``model_version`` and ``deployment`` are set once the request was routed (bad input, model
+    errors); errors before routing (authentication, rate limit) have only the endpoint.
     """
 
     request_id = models.UUIDField()
     endpoint = models.ForeignKey(Endpoint, on_delete=models.CASCADE, related_name="serving_errors")
     model_version = models.ForeignKey(
         ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    deployment = models.ForeignKey(
+        Deployment,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="the deployment the request was routed to, once routed",
     )
     status_code = models.PositiveSmallIntegerField()
     error_code = models.CharField(max_length=64)
@@ -479,7 +653,9 @@ class NotificationOutbox(models.Model):
     request = models.ForeignKey(
         DeploymentRequest, on_delete=models.CASCADE, related_name="notifications"
     )
-    event = models.CharField(max_length=32, help_text="awaiting_review, or a key of notifications.REQUESTER_EVENTS")
+    event = models.CharField(
+        max_length=32, help_text="awaiting_review, or a key of notifications.REQUESTER_EVENTS"
+    )
     status = models.CharField(
         max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True
     )

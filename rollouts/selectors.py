@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from django.contrib.auth.models import AnonymousUser, User
-from django.db.models import Prefetch, Q, QuerySet
+from collections.abc import Iterable
+from typing import NamedTuple
 
-from portal.models import AuditEvent
+from django.contrib.auth.models import AnonymousUser, User
+from django.db.models import Case, F, IntegerField, Prefetch, Q, QuerySet, Value, When
+
 from portal.roles import REVIEWERS, can_review
 from registry.selectors import registered_models_visible_to
 from rollouts.models import (
@@ -15,6 +17,7 @@ from rollouts.models import (
     Endpoint,
     Environment,
     Review,
+    TrafficHistory,
 )
 
 
@@ -65,6 +68,72 @@ def review_queue(user: User | AnonymousUser) -> QuerySet[DeploymentRequest]:
     )
 
 
+# --- Roles: what is stable, what is canary --------------------------------------------------
+
+_ROLE_ORDER = Case(
+    *(When(role=role, then=Value(i)) for i, role in enumerate(Deployment.Role.values)),
+    default=Value(len(Deployment.Role.values)),
+    output_field=IntegerField(),
+)
+
+
+def live_deployments_by_role(endpoint_ids: Iterable[int]) -> dict[int, list[Deployment]]:
+    """The live deployments of each endpoint id, stable first, then canary, shadow, variant
+    (within a role: the one live first). Endpoints with nothing live are absent. One query;
+    each deployment comes with its ``model_version`` (only its id and number loaded).
+
+    The one answer to "what is stable": ``Deployment.role``, a row that a database constraint
+    keeps to at most one live stable per endpoint, never the largest traffic weight."""
+    rows = (
+        Deployment.objects.filter(endpoint_id__in=list(endpoint_ids), status=Deployment.Status.LIVE)
+        .select_related("model_version")
+        .only(
+            "pk",
+            "endpoint_id",
+            "role",
+            "status",
+            "traffic_weight",
+            "live_at",
+            "model_version__id",
+            "model_version__version",
+        )
+        .order_by("endpoint_id", _ROLE_ORDER, F("live_at").asc(nulls_last=True), "pk")
+    )
+    out: dict[int, list[Deployment]] = {}
+    for d in rows:
+        out.setdefault(d.endpoint_id, []).append(d)
+    return out
+
+
+class EndpointRoles(NamedTuple):
+    stable: Deployment | None
+    canary: Deployment | None
+
+
+def endpoint_roles(endpoint: Endpoint | int) -> EndpointRoles:
+    """``(stable, canary)``: the endpoint's live stable and live canary deployments (each with
+    its ``model_version`` loaded), None where there is none. One query."""
+    endpoint_id = endpoint if isinstance(endpoint, int) else endpoint.pk
+    live = (
+        Deployment.objects.filter(
+            endpoint_id=endpoint_id,
+            status=Deployment.Status.LIVE,
+            role__in=[Deployment.Role.STABLE, Deployment.Role.CANARY],
+        )
+        .select_related("model_version__registered_model")
+        .order_by(F("live_at").asc(nulls_last=True), "pk")
+    )
+    by_role = {}
+    for d in live:
+        by_role.setdefault(d.role, d)
+    return EndpointRoles(by_role.get(Deployment.Role.STABLE), by_role.get(Deployment.Role.CANARY))
+
+
+def stable_of(endpoint: Endpoint | int) -> Deployment | None:
+    """The endpoint's live stable deployment, or None when nothing is live there."""
+    return endpoint_roles(endpoint).stable
+
+
 def endpoints_with_live_versions(
     user: User | AnonymousUser,
 ) -> list[tuple[Endpoint, list[Deployment]]]:
@@ -94,21 +163,19 @@ def live_deployments_of_deleted_versions(endpoint: Endpoint) -> list[Deployment]
 
 
 def traffic_timeline(endpoint: Endpoint) -> list[dict[str, object]]:
-    """What served when: one row per traffic state of the endpoint, from the audit trail's
-    ``traffic.changed`` events: ``{"start": datetime, "end": datetime | None, "traffic":
-    {"v1": 100}, "actor": str}``; ``end`` None for the current state."""
-    events = list(
-        AuditEvent.objects.filter(
-            action="traffic.changed", object_type=Endpoint._meta.label, object_id=str(endpoint.pk)
-        ).order_by("id")
+    """What served when: one row per traffic state of the endpoint, oldest first, from its
+    :class:`~rollouts.models.TrafficHistory` (written by ``services.traffic_set``; backfilled
+    from the audit trail for older changes): ``{"start": datetime, "end": datetime | None,
+    "traffic": {"v1": 100}, "actor": str}``; ``end`` None for the current state. One query."""
+    states = list(
+        TrafficHistory.objects.filter(endpoint=endpoint)
+        .order_by("pk")
+        .values_list("created_at", "split", "actor_label")
     )
     rows = []
-    for i, event in enumerate(events):
-        end = events[i + 1].created_at if i + 1 < len(events) else None
-        traffic = (event.after or {}).get("traffic", {})
-        rows.append(
-            {"start": event.created_at, "end": end, "traffic": traffic, "actor": event.actor_label}
-        )
+    for i, (start, split, actor) in enumerate(states):
+        end = states[i + 1][0] if i + 1 < len(states) else None
+        rows.append({"start": start, "end": end, "traffic": split, "actor": actor})
     return rows
 
 

@@ -41,8 +41,12 @@ from rollouts.models import (
     FreezeWindow,
     GateResult,
     Review,
+    Rollout,
+    RolloutStep,
     Strategy,
+    TrafficHistory,
 )
+from rollouts.selectors import stable_of
 
 logger = logging.getLogger(__name__)
 Status = DeploymentRequest.Status
@@ -142,14 +146,9 @@ def endpoint_for(*, model_version: ModelVersion, environment: Environment) -> En
 
 
 def champion_of(endpoint: Endpoint) -> ModelVersion | None:
-    """The endpoint's stable version: the live deployment with the most traffic (latest first)."""
-    live = (
-        Deployment.objects.filter(endpoint=endpoint, status=Deployment.Status.LIVE)
-        .select_related("model_version__registered_model")
-        .order_by("-traffic_weight", "-live_at")
-        .first()
-    )
-    return live.model_version if live else None
+    """The endpoint's stable version (``selectors.stable_of``), None when nothing is live."""
+    stable = stable_of(endpoint)
+    return stable.model_version if stable else None
 
 
 def _check_not_live(model_version: ModelVersion, endpoint: Endpoint) -> None:
@@ -458,6 +457,7 @@ def _approve(
         before={"status": old},
         after={"status": req.status, "approvals": approvals, "comment": comment},
     )
+    rollout_plan(req)
     _notify(req.pk, "approved")
     enqueue_on_commit(tasks.execute_deployment, req.pk)
     return req
@@ -514,11 +514,14 @@ def deployment_request_cancel(*, request_id: int, actor: User) -> DeploymentRequ
     reason = f"cancelled by {actor.get_username()}"
     old = _transition(req, Status.CANCELLED, reason=reason)
     if old == Status.DEPLOYING:
+        # Never live, so it has no traffic to take away (traffic_set gives weight to live rows).
         Deployment.objects.filter(request=req).exclude(status=Deployment.Status.LIVE).update(
-            status=Deployment.Status.FAILED, failure_reason=reason, traffic_weight=0
+            status=Deployment.Status.FAILED, failure_reason=reason
         )
         req.deploy_lease_until = None
         req.save(update_fields=["deploy_lease_until", "updated_at"])
+    if old in (Status.APPROVED, Status.DEPLOYING):
+        _rollout_end(req, Rollout.State.ABORTED, reason=reason)
     _audit(req, "request.cancelled", actor, before={"status": old}, after={"status": req.status})
     return req
 
@@ -725,6 +728,65 @@ def freeze_window_create(
 # --- Deployment execution (called by the Celery task) ----------------------------------------
 
 
+# --- Rollouts ----------------------------------------------------------------------------------
+
+#: The steps of each strategy, as planned weights of the new version (percent).
+STRATEGY_STEPS: dict[str, tuple[int, ...]] = {Strategy.DIRECT: (100,)}
+
+
+def rollout_plan(req: DeploymentRequest) -> Rollout:
+    """The request's rollout (state pending) with one step per planned weight of its strategy
+    (direct: one step of 100 %); the existing one if it has one already. Call it in the
+    transaction that holds the request's row lock."""
+    rollout, created = Rollout.objects.get_or_create(
+        request=req, defaults={"strategy": req.strategy}
+    )
+    if created:
+        RolloutStep.objects.bulk_create(
+            RolloutStep(rollout=rollout, index=i, planned_weight=weight)
+            for i, weight in enumerate(STRATEGY_STEPS[req.strategy])
+        )
+    return rollout
+
+
+def _rollout_transition(rollout: Rollout, new: str, *, reason: str = "") -> None:
+    """Move a locked rollout to ``new`` per ``Rollout.TRANSITIONS``. Raises InvalidTransition."""
+    if new not in Rollout.TRANSITIONS[rollout.state]:
+        raise InvalidTransition(
+            f"The rollout of request #{rollout.request_id} is "
+            f"{rollout.get_state_display().lower()}; it cannot become "
+            f"{Rollout.State(new).label.lower()}."
+        )
+    now = timezone.now()
+    rollout.state, rollout.state_reason = new, reason
+    fields = ["state", "state_reason", "updated_at"]
+    if new == Rollout.State.PROGRESSING and rollout.started_at is None:
+        rollout.started_at = now
+        fields.append("started_at")
+    if new in Rollout.TERMINAL:
+        rollout.ended_at, rollout.lease_owner, rollout.lease_until = now, "", None
+        fields += ["ended_at", "lease_owner", "lease_until"]
+    rollout.save(update_fields=fields)
+
+
+def _locked_rollout(req: DeploymentRequest) -> Rollout:
+    """The request's rollout, locked; planned now for a request approved before rollouts
+    existed."""
+    rollout_plan(req)
+    return Rollout.objects.select_for_update().get(request=req)
+
+
+def _rollout_end(req: DeploymentRequest, state: str, *, reason: str = "") -> None:
+    """End the request's active rollout (succeeded or aborted) and its step in progress."""
+    rollout = _locked_rollout(req)
+    if not rollout.is_active:
+        return
+    RolloutStep.objects.filter(
+        rollout=rollout, started_at__isnull=False, ended_at__isnull=True
+    ).update(ended_at=timezone.now())
+    _rollout_transition(rollout, state, reason=reason)
+
+
 def deploy_lease() -> timedelta:
     """How long a deploy task's claim on a request lasts: the task's hard time limit
     (``DEPLOY_TIME_LIMIT_S``, the worker kills the task after it) plus
@@ -804,6 +866,13 @@ def _deployment_begin(request_id: int) -> tuple[DeploymentRequest, Deployment | 
         req.save(update_fields=["deploy_attempts", "deploy_lease_until", "updated_at"])
     if req.status not in (Status.DEPLOYING, Status.LIVE):
         return req, None, False
+    if claimed:
+        rollout = _locked_rollout(req)
+        if rollout.state == Rollout.State.PENDING:
+            _rollout_transition(rollout, Rollout.State.PROGRESSING)
+        RolloutStep.objects.filter(rollout=rollout, index=0, started_at__isnull=True).update(
+            started_at=now
+        )
     deployment, _ = Deployment.objects.get_or_create(
         request=req, defaults={"endpoint": req.endpoint, "model_version": req.model_version}
     )
@@ -854,9 +923,11 @@ def _deployment_fail(request_id: int, *, reason: str) -> DeploymentRequest:
     if req.status != Status.DEPLOYING:
         return req
     old = _transition(req, Status.FAILED, reason=reason)
+    # Never live, so it never had traffic: only traffic_set gives weight, and only to live rows.
     Deployment.objects.filter(request=req).update(
-        status=Deployment.Status.FAILED, failure_reason=reason, traffic_weight=0
+        status=Deployment.Status.FAILED, failure_reason=reason
     )
+    _rollout_end(req, Rollout.State.ABORTED, reason=reason)
     _audit(
         req,
         "deployment.failed",
@@ -868,35 +939,161 @@ def _deployment_fail(request_id: int, *, reason: str) -> DeploymentRequest:
     return req
 
 
-def _traffic(endpoint: Endpoint) -> dict[str, int]:
+# --- Traffic -----------------------------------------------------------------------------------
+
+
+def _serving(deployments: list[Deployment]) -> dict[str, int]:
+    """``{"v<version>": percent}`` of the deployments that carry traffic: the shape of the
+    ``traffic.changed`` audit event's ``before`` and ``after`` and of the timeline."""
     return {
         f"v{d.model_version.version}": d.traffic_weight
-        for d in endpoint.deployments.filter(status=Deployment.Status.LIVE).select_related(
-            "model_version"
-        )
+        for d in sorted(deployments, key=lambda d: d.pk)
+        if d.traffic_weight > 0
     }
+
+
+def _split_problem(split: object) -> str:
+    if not isinstance(split, dict) or not split:
+        return "A traffic split maps deployment ids to percent weights; it cannot be empty."
+    for key, weight in split.items():
+        if isinstance(key, bool) or not isinstance(key, int):
+            return f"Deployment ids are integers; got {key!r}."
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
+            return (
+                f"The weight of deployment #{key} is {weight!r}; a weight is an integer 0 to 100."
+            )
+    total = sum(split.values())
+    if total != 100:
+        return f"The weights add up to {total}; they must add up to 100."
+    return ""
+
+
+@transaction.atomic
+def traffic_set(
+    *,
+    endpoint: Endpoint | int,
+    split: dict[int, int],
+    actor: User | None,
+    reason: str,
+    rollout_step: RolloutStep | None = None,
+) -> TrafficHistory:
+    """Set an endpoint's traffic split: the one writer of ``Deployment.traffic_weight``.
+
+    ``split`` maps ids of the endpoint's deployments to percent of its requests (integers 0 to
+    100 adding up to 100); every deployment of the endpoint not in it gets 0. The endpoint's
+    live stable (``selectors.stable_of``) must be in it with a weight above 0, and only live
+    deployments may get weight. Locks the endpoint row, so concurrent writers apply one after
+    the other; the caller changes statuses and roles first, in the same transaction.
+
+    Writes one :class:`TrafficHistory` row (``reason``, ``actor``: None is the system, and the
+    ``rollout_step`` that set it, None for a rollback) and one
+    ``traffic.changed`` audit event whose ``before`` and ``after`` are ``{"traffic": {"v1":
+    100}}``, the versions that carried traffic before and after. Returns the history row.
+
+    Raises:
+        ValidationError: a split that is not such a mapping, weights that are not integers 0 to
+            100 or do not add up to 100, a deployment that is not this endpoint's, weight to a
+            deployment that is not live, no live stable, stable missing or at 0, a blank
+            ``reason``, or a ``rollout_step`` of another endpoint. Nothing is written then.
+    """
+    endpoint_id = endpoint if isinstance(endpoint, int) else endpoint.pk
+    endpoint = (
+        Endpoint.objects.select_for_update()
+        .select_related("environment", "registered_model")
+        .get(pk=endpoint_id)
+    )
+    if problem := _split_problem(split):
+        raise ValidationError({"split": problem})
+    if not reason.strip():
+        raise ValidationError({"reason": "Say why the traffic changes."})
+    if (
+        rollout_step is not None
+        and not Rollout.objects.filter(
+            pk=rollout_step.rollout_id, request__endpoint_id=endpoint.pk
+        ).exists()
+    ):
+        raise ValidationError(
+            {"rollout_step": f"{rollout_step} is not a step of a rollout on {endpoint.name}."}
+        )
+    deployments = list(
+        endpoint.deployments.select_for_update()
+        .filter(models.Q(pk__in=list(split)) | models.Q(traffic_weight__gt=0))
+        .select_related("model_version")
+    )
+    by_pk = {d.pk: d for d in deployments}
+    strangers = sorted(set(split) - set(by_pk))
+    if strangers:
+        raise ValidationError(
+            {"split": f"Deployment #{strangers[0]} is not a deployment of {endpoint.name}."}
+        )
+    not_live = sorted(
+        pk for pk, w in split.items() if w > 0 and by_pk[pk].status != Deployment.Status.LIVE
+    )
+    if not_live:
+        d = by_pk[not_live[0]]
+        raise ValidationError(
+            {
+                "split": f"Deployment #{d.pk} (v{d.model_version.version}) is {d.status}; only "
+                "live deployments take traffic."
+            }
+        )
+    stable = stable_of(endpoint)
+    if stable is None:
+        raise ValidationError({"split": f"{endpoint.name} has no live stable deployment."})
+    if split.get(stable.pk, 0) == 0:
+        raise ValidationError(
+            {
+                "split": f"The split gives no weight to the stable deployment #{stable.pk} "
+                f"(v{stable.model_version.version}) of {endpoint.name}."
+            }
+        )
+    before = _serving(deployments)
+    for d in deployments:
+        weight = split.get(d.pk, 0)
+        if d.traffic_weight != weight:
+            d.traffic_weight = weight
+            d.save(update_fields=["traffic_weight"])
+    after = _serving(deployments)
+    user = actor if actor is not None and actor.is_authenticated else None
+    history = TrafficHistory.objects.create(
+        endpoint=endpoint,
+        split=after,
+        deployment_split={str(pk): weight for pk, weight in sorted(split.items())},
+        reason=reason.strip(),
+        rollout_step=rollout_step,
+        actor=user,
+        actor_label=user.get_username() if user else "system",
+        created_at=timezone.now(),
+    )
+    audit_record(
+        actor=actor,
+        action="traffic.changed",
+        obj=endpoint,
+        registered_model=endpoint.registered_model.name,
+        environment=endpoint.environment.name,
+        before={"traffic": before},
+        after={"traffic": after},
+    )
+    return history
 
 
 @transaction.atomic
 def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
-    """Direct strategy: the new version takes 100% of the endpoint's traffic in one step."""
+    """Direct strategy: the new version becomes stable and takes 100% of the endpoint's traffic
+    in one step."""
     req = _locked_request(request_id)
     if req.status != Status.DEPLOYING:
         return req
     endpoint = Endpoint.objects.select_for_update().get(pk=req.endpoint_id)
-    before = _traffic(endpoint)
     now = timezone.now()
     for previous in (
         endpoint.deployments.select_for_update()
         .filter(status=Deployment.Status.LIVE)
         .exclude(request=req)
     ):
-        previous.status, previous.traffic_weight, previous.retired_at = (
-            Deployment.Status.RETIRED,
-            0,
-            now,
-        )
-        previous.save(update_fields=["status", "traffic_weight", "retired_at"])
+        # Its traffic goes below, in the same transaction (traffic_set gives it 0).
+        previous.status, previous.retired_at = Deployment.Status.RETIRED, now
+        previous.save(update_fields=["status", "retired_at"])
         old_req = _locked_request(previous.request_id)
         if old_req.status == Status.LIVE:
             _transition(old_req, Status.SUPERSEDED, reason=f"replaced by request #{req.pk}")
@@ -907,9 +1104,10 @@ def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
                 before={"status": Status.LIVE},
                 after={"status": old_req.status},
             )
-    Deployment.objects.filter(request=req).update(
-        status=Deployment.Status.LIVE, traffic_weight=100, artifact_digest=digest, live_at=now
-    )
+    deployment = Deployment.objects.select_for_update().get(request=req)
+    deployment.status, deployment.role = Deployment.Status.LIVE, Deployment.Role.STABLE
+    deployment.artifact_digest, deployment.live_at = digest, now
+    deployment.save(update_fields=["status", "role", "artifact_digest", "live_at"])
     old = _transition(req, Status.LIVE)
     _audit(
         req,
@@ -918,21 +1116,18 @@ def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
         before={"status": old},
         after={"status": req.status, "artifact_digest": digest},
     )
-    _audit_traffic(endpoint, None, before)
+    rollout = _locked_rollout(req)
+    step = rollout.steps.get(index=0)
+    traffic_set(
+        endpoint=endpoint,
+        split={deployment.pk: 100},
+        actor=None,
+        reason=f"request #{req.pk} went live (direct)",
+        rollout_step=step,
+    )
+    _rollout_end(req, Rollout.State.SUCCEEDED)
     _notify(req.pk, "live")
     return req
-
-
-def _audit_traffic(endpoint: Endpoint, actor: User | None, before: dict[str, int]) -> None:
-    audit_record(
-        actor=actor,
-        action="traffic.changed",
-        obj=endpoint,
-        registered_model=endpoint.registered_model.name,
-        environment=endpoint.environment.name,
-        before={"traffic": before},
-        after={"traffic": _traffic(endpoint)},
-    )
 
 
 def deployment_rollback(*, endpoint_id: int, actor: User | None, reason: str) -> DeploymentRequest:
@@ -965,11 +1160,9 @@ def _rollback(endpoint_id: int, actor: User | None, reason: str) -> DeploymentRe
         .select_related("environment", "registered_model")
         .get(pk=endpoint_id)
     )
+    stable = stable_of(endpoint)
     live = (
-        endpoint.deployments.select_for_update()
-        .filter(status=Deployment.Status.LIVE)
-        .order_by("-live_at")
-        .first()
+        endpoint.deployments.select_for_update().get(pk=stable.pk) if stable is not None else None
     )
     if live is None:
         raise Conflict(f"Nothing is live on {endpoint.name}.")
@@ -982,16 +1175,16 @@ def _rollback(endpoint_id: int, actor: User | None, reason: str) -> DeploymentRe
     )
     if previous is None:
         raise Conflict(f"{endpoint.name} has no earlier release to roll back to.")
-    before = _traffic(endpoint)
     now = timezone.now()
-    live.status, live.traffic_weight, live.retired_at = Deployment.Status.RETIRED, 0, now
-    live.save(update_fields=["status", "traffic_weight", "retired_at"])
-    previous.status, previous.traffic_weight, previous.retired_at = (
+    # Statuses and roles first; traffic_set moves the weights below, in this transaction.
+    live.status, live.retired_at = Deployment.Status.RETIRED, now
+    live.save(update_fields=["status", "retired_at"])
+    previous.status, previous.role, previous.retired_at = (
         Deployment.Status.LIVE,
-        100,
+        Deployment.Role.STABLE,
         None,
     )
-    previous.save(update_fields=["status", "traffic_weight", "retired_at"])
+    previous.save(update_fields=["status", "role", "retired_at"])
     rolled = _locked_request(live.request_id)
     old = _transition(rolled, Status.ROLLED_BACK, reason=reason.strip())
     _audit(
@@ -1012,7 +1205,12 @@ def _rollback(endpoint_id: int, actor: User | None, reason: str) -> DeploymentRe
         before={"status": old},
         after={"status": restored.status},
     )
-    _audit_traffic(endpoint, actor, before)
+    traffic_set(
+        endpoint=endpoint,
+        split={previous.pk: 100},
+        actor=actor,
+        reason=f"rollback of request #{rolled.pk}: {reason.strip()}",
+    )
     _notify(rolled.pk, "rolled_back")
     return restored
 

@@ -73,6 +73,7 @@ class Trace:
     started: float = field(default_factory=time.perf_counter)
     endpoint_id: int | None = None
     model_version_id: int | None = None
+    deployment_id: int | None = None
     rows: list[models.Model] = field(default_factory=list)
 
 
@@ -256,6 +257,7 @@ def _admit(meta: Meta, trace: Trace, lookups: Lookups) -> Admitted | Answer:
         )
     route = routes.pick()
     trace.model_version_id = route.model_version_id
+    trace.deployment_id = route.deployment_id
     return Admitted(routes, route, key, inference_id, limit)
 
 
@@ -359,6 +361,7 @@ def scored(
             row_index=i,
             endpoint_id=admitted.routes.endpoint_id,
             model_version_id=route.model_version_id,
+            deployment_id=route.deployment_id,
             api_key_id=admitted.key.key_id,
             inference_id=admitted.inference_id,
             features=record,
@@ -395,6 +398,7 @@ def finish(meta: Meta, answer: Answer, trace: Trace) -> None:
                 request_id=trace.request_id,
                 endpoint_id=trace.endpoint_id,
                 model_version_id=trace.model_version_id,
+                deployment_id=trace.deployment_id,
                 status_code=answer.status,
                 error_code=answer.error_code[:64],
                 created_at=timezone.now(),

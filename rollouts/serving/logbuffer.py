@@ -28,6 +28,7 @@ import time
 from django.conf import settings
 from django.db import close_old_connections, connection, models
 
+from rollouts import hooks
 from rollouts.serving.batching import positive_class_scores
 
 logger = logging.getLogger(__name__)
@@ -206,10 +207,9 @@ def fill_scores(rows: list[models.Model]) -> None:
 
 
 def _mark_stale(rows: list[models.Model]) -> None:
-    """Tell monitoring which hours to roll up again (one upsert per flush)."""
-    from monitoring.rollups import mark_logged_rows
-
-    mark_logged_rows(rows)
+    """Tell the apps that registered for it (monitoring: which hours to roll up again, one
+    upsert per flush) that ``rows`` were written; see :mod:`rollouts.hooks`."""
+    hooks.prediction_logged(rows)
 
 
 log_buffer = LogBuffer()

@@ -49,7 +49,7 @@ def endpoint(versions):
     )
 
 
-def _deployment(endpoint, version, requester, *, weight, status="live", **times):
+def _deployment(endpoint, version, requester, *, weight, status="live", role="stable", **times):
     """A request and its deployment with the given times (``requested``, ``live``, ``retired``,
     ``started``) and request status."""
     requested = times.get("requested", timezone.now() - timedelta(days=2))
@@ -67,6 +67,7 @@ def _deployment(endpoint, version, requester, *, weight, status="live", **times)
         model_version=version,
         request=req,
         status=status,
+        role=role,
         traffic_weight=weight,
         live_at=times.get("live", requested + timedelta(hours=1)),
         retired_at=times.get("retired"),
@@ -79,7 +80,7 @@ def _deployment(endpoint, version, requester, *, weight, status="live", **times)
 def stable_and_canary(endpoint, versions, data_scientist):
     """v1 stable at 90 %, v2 canary at 10 %."""
     _deployment(endpoint, versions[0], data_scientist, weight=90)
-    _deployment(endpoint, versions[1], data_scientist, weight=10)
+    _deployment(endpoint, versions[1], data_scientist, weight=10, role="canary")
 
 
 def _rollup(endpoint, version, granularity, start, *, requests, errors=0, latency_ms=10.0,

@@ -27,6 +27,7 @@ from rollouts.models import (
     Environment,
     FreezeWindow,
     Review,
+    TrafficHistory,
 )
 from tests.conftest import REGISTERED_MODEL
 from tests.factories import UserFactory
@@ -837,6 +838,15 @@ def test_rollback_restores_the_previous_release(
         0
     ].subject
 
+    # Each traffic change went through traffic_set: one history row each, with its reason.
+    history = list(TrafficHistory.objects.filter(endpoint=endpoint).order_by("pk"))
+    assert [h.split for h in history] == [{"v1": 100}, {"v2": 100}, {"v1": 100}]
+    assert [h.reason for h in history] == [
+        f"request #{first.pk} went live (direct)",
+        f"request #{second.pk} went live (direct)",
+        f"rollback of request #{second.pk}: error rate doubled",
+    ]
+    assert [h.actor for h in history] == [None, None, reviewer]
     timeline = selectors.traffic_timeline(endpoint)
     assert [row["traffic"] for row in timeline] == [{"v1": 100}, {"v2": 100}, {"v1": 100}]
     assert [row["actor"] for row in timeline] == ["system", "system", "bob"]

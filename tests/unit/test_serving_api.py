@@ -23,7 +23,14 @@ from registry.demo_models import breast_cancer_split
 from registry.models import ModelVersion
 from registry.services import registry_sync
 from rollouts import services
-from rollouts.models import Deployment, Endpoint, Environment, PredictionLog, ServingError
+from rollouts.models import (
+    Deployment,
+    DeploymentRequest,
+    Endpoint,
+    Environment,
+    PredictionLog,
+    ServingError,
+)
 from rollouts.serving import views
 from rollouts.serving.runtime import router
 from tests.conftest import REGISTERED_MODEL, TEAM
@@ -168,6 +175,9 @@ def _assert_scored(response, live: Live, rows: pd.DataFrame, expected: list[int]
     assert {(log.endpoint_id, log.api_key_id, log.model_version.version) for log in logs} == {
         (live.endpoint.pk, live.key_id, 1)
     }
+    # Each row names the deployment that answered it (issue 10, point 1).
+    answered = Deployment.objects.get(endpoint=live.endpoint, status=Deployment.Status.LIVE)
+    assert {log.deployment_id for log in logs} == {answered.pk}
 
 
 def _assert_rejected(response, status: int, code: str, *fragments: str) -> None:
@@ -419,6 +429,8 @@ def test_every_error_answer_on_a_known_endpoint_is_counted_for_error_rates(clien
         (400, True),
         (401, False),
     ]
+    answered = Deployment.objects.get(endpoint=live.endpoint, status=Deployment.Status.LIVE)
+    assert [e.deployment_id for e in errors] == [answered.pk, None]
     assert {e.endpoint_id for e in errors} == {live.endpoint.pk}
     assert errors[0].error_code == "BAD_REQUEST"
 
@@ -625,3 +637,33 @@ def test_ping_is_503_until_a_version_is_live_then_200(client, live, synced, depl
     _, other = services.api_key_create(name="stg-client", endpoints=[staging], created_by=None)
     for header in (f"Bearer {other}", "Bearer rg_wrong"):
         assert client.get(url, headers={"Authorization": header}).json() == {"status": "ok"}
+
+
+def test_stable_and_canary_rows_name_their_own_deployment(client, live, rows, data_scientist):
+    """With v1 stable and v2 a canary at 50 % each, every logged row names the deployment that
+    answered it, so canary and stable figures are never mixed."""
+    stable = Deployment.objects.get(endpoint=live.endpoint, status=Deployment.Status.LIVE)
+    v2 = ModelVersion.objects.get(registered_model__name=REGISTERED_MODEL, version=2)
+    req = DeploymentRequest.objects.create(
+        model_version=v2,
+        endpoint=live.endpoint,
+        justification="canary",
+        requester=data_scientist,
+        status=DeploymentRequest.Status.DEPLOYING,
+    )
+    canary = Deployment.objects.create(
+        endpoint=live.endpoint,
+        model_version=v2,
+        request=req,
+        status=Deployment.Status.LIVE,
+        role=Deployment.Role.CANARY,
+    )
+    services.traffic_set(
+        endpoint=live.endpoint, split={stable.pk: 50, canary.pk: 50}, actor=None, reason="test"
+    )
+    router.invalidate()
+    body = json.dumps({"dataframe_records": rows.head(2).to_dict(orient="records")})
+    answered = {_post(client, live, body)["X-Model-Version"] for _ in range(30)}
+    assert answered == {"1", "2"}  # both served (each request: 1 in 2)
+    logged = set(PredictionLog.objects.values_list("model_version__version", "deployment_id"))
+    assert logged == {(1, stable.pk), (2, canary.pk)}

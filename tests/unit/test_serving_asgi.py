@@ -14,7 +14,7 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 
 from portal.asgi import django_application
-from rollouts.models import PredictionLog, ServingError
+from rollouts.models import Deployment, PredictionLog, ServingError
 from rollouts.serving.asgi import ServingApp
 from tests.unit import test_serving_api as view_tests
 from tests.unit.test_serving_api import BAD, BODIES, JSON, _assert_rejected, _split
@@ -109,6 +109,9 @@ def test_each_body_format_scores_and_logs_like_the_django_view(
     assert [log.features for log in logs] == rows.to_dict(orient="records")
     assert all(0.0 <= log.score <= 1.0 for log in logs)
     assert {log.api_key_id for log in logs} == {live.key_id}
+    assert {log.deployment_id for log in logs} == {
+        Deployment.objects.get(endpoint=live.endpoint, status=Deployment.Status.LIVE).pk
+    }
 
 
 @pytest.mark.parametrize("build,content_type,status,code,fragments", BAD.values(), ids=BAD.keys())
