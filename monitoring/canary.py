@@ -33,9 +33,8 @@ from statsmodels.stats.proportion import test_proportions_2indep
 
 from monitoring import metrics
 from monitoring.rollups import _number, version_task
-from registry.models import ModelVersion
 from rollouts.analysis import AnalysisPolicy, Check, Verdict, WindowFigures
-from rollouts.models import PredictionLog, ServingError
+from rollouts.models import Deployment, PredictionLog, ServingError
 
 SCORE_TEST = "Miettinen-Nurminen score test, one-sided"
 BINOMIAL = "exact binomial test of the share beyond the threshold, one-sided"
@@ -177,18 +176,13 @@ class PredictionLogAnalysis:
     ``monitoring.apps.MonitoringConfig.ready``)."""
 
     def window_figures(
-        self, *, endpoint_id: int, model_version_id: int, start: datetime, end: datetime
+        self, *, deployment_id: int, start: datetime, end: datetime
     ) -> WindowFigures:
-        """The version's figures on the endpoint for rows logged in ``[start, end)``, labels
-        included whenever they arrived. Reads the raw log (one query per table)."""
-        version = ModelVersion.objects.get(pk=model_version_id)
-        task = version_task(version)
-        window = {
-            "endpoint_id": endpoint_id,
-            "model_version_id": model_version_id,
-            "created_at__gte": start,
-            "created_at__lt": end,
-        }
+        """The deployment's figures for rows it answered in ``[start, end)``, labels included
+        whenever they arrived. Reads the raw log (one query per table)."""
+        deployment = Deployment.objects.select_related("model_version").get(pk=deployment_id)
+        task = version_task(deployment.model_version)
+        window = {"deployment_id": deployment_id, "created_at__gte": start, "created_at__lt": end}
         latencies: list[float] = []
         labelled = correct = 0
         squared: list[float] = []

@@ -200,6 +200,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "rollouts.tasks.redispatch_stalled",
         "schedule": env.float("REDISPATCH_CHECK_S", default=120.0),
     },
+    # Rollouts whose step is due (or whose worker died holding one): judged and advanced.
+    "advance-rollouts": {
+        "task": "rollouts.tasks.advance_rollouts",
+        "schedule": env.float("ROLLOUT_CHECK_S", default=10.0),
+    },
     # Monitoring figures: stale hours (new predictions, late labels) are rolled up again.
     "refresh-rollups": {
         "task": "monitoring.tasks.refresh_rollups",
@@ -212,6 +217,10 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("ALERT_EVALUATION_S", default=60.0),
     },
 }
+
+# How long a worker's claim on a rollout step lasts, in seconds (the analysis of one step and
+# its traffic change take well under this); a worker killed holding one is presumed dead then.
+ROLLOUT_LEASE_S = env.int("ROLLOUT_LEASE_S", default=120)
 
 # --- MLflow -----------------------------------------------------------------------------------
 MLFLOW_TRACKING_URI = env.str(

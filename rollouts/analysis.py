@@ -140,8 +140,9 @@ class Verdict:
 
 class CanaryAnalysis(Protocol):
     def window_figures(
-        self, *, endpoint_id: int, model_version_id: int, start: datetime, end: datetime
-    ) -> WindowFigures: ...
+        self, *, deployment_id: int, start: datetime, end: datetime
+    ) -> WindowFigures:
+        """What the deployment answered (its own log rows and errors) in ``[start, end)``."""
 
     def judge(
         self, canary: WindowFigures, stable: WindowFigures, policy: AnalysisPolicy, *, looks: int

@@ -57,6 +57,7 @@ class DeploymentRequestOut(serializers.Serializer):
     environment = serializers.CharField(source="endpoint.environment.name")
     endpoint = serializers.CharField(source="endpoint.name")
     strategy = serializers.CharField()
+    strategy_params = serializers.DictField()
     justification = serializers.CharField()
     requester = serializers.CharField(source="requester.username")
     created_at = serializers.DateTimeField()
@@ -151,6 +152,12 @@ class DeploymentRequestListApi(ApiView):
             slug_field="name", queryset=Environment.objects.all()
         )
         strategy = serializers.ChoiceField(choices=Strategy.choices, default=Strategy.DIRECT)
+        strategy_params = serializers.DictField(
+            required=False,
+            default=dict,
+            help_text='canary: {"steps": [10, 25, 50, 100], "interval_s": 300, '
+            '"max_extensions": 3}; missing ones from the environment\'s rollout_defaults',
+        )
         justification = serializers.CharField(max_length=4000)
 
     @extend_schema(
@@ -183,6 +190,7 @@ class DeploymentRequestListApi(ApiView):
             model_version=mv,
             environment=data.validated_data["environment"],
             strategy=data.validated_data["strategy"],
+            strategy_params=data.validated_data["strategy_params"],
             justification=data.validated_data["justification"],
         )
         return Response(DeploymentRequestOut(req).data, status=status.HTTP_201_CREATED)
@@ -317,6 +325,9 @@ class EnvironmentOut(serializers.Serializer):
     gates = serializers.ListField(child=serializers.CharField())
     metric_tolerance = serializers.FloatField()
     request_expiry_days = serializers.IntegerField()
+    allowed_strategies = serializers.ListField(child=serializers.CharField())
+    rollout_defaults = serializers.DictField()
+    analysis_policy = serializers.DictField()
     policy_problem = serializers.SerializerMethodField()
 
     def get_policy_problem(self, env: Environment) -> str:
@@ -364,6 +375,12 @@ class EnvironmentDetailApi(ApiView):
         )
         metric_tolerance = serializers.FloatField(min_value=0.0, max_value=1.0, required=False)
         request_expiry_days = serializers.IntegerField(min_value=1, required=False)
+        allowed_strategies = serializers.ListField(
+            child=serializers.ChoiceField(choices=Strategy.values), allow_empty=False,
+            required=False,
+        )  # fmt: skip
+        rollout_defaults = serializers.DictField(child=serializers.DictField(), required=False)
+        analysis_policy = serializers.DictField(required=False)
 
         def validate(self, attrs):
             if not attrs:

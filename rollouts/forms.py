@@ -8,6 +8,32 @@ from rollouts.models import Endpoint, Environment, Strategy
 class DeploymentRequestForm(forms.Form):
     environment = forms.ModelChoiceField(queryset=Environment.objects.all(), empty_label=None)
     strategy = forms.ChoiceField(choices=Strategy.choices, initial=Strategy.DIRECT)
+    canary_steps = forms.CharField(
+        required=False,
+        max_length=200,
+        label="Canary steps",
+        help_text="canary only: percent of traffic at each step, e.g. 10, 25, 50, 100; "
+        "empty: the environment's default",
+    )
+    canary_interval_s = forms.IntegerField(
+        required=False,
+        min_value=5,
+        max_value=86_400,
+        label="Analysis interval (s)",
+        help_text="canary only: how long each step is judged; empty: the environment's default",
+    )
+
+    def strategy_params(self) -> dict:
+        """The canary parameters given (the rest come from the environment's defaults)."""
+        if self.cleaned_data.get("strategy") != Strategy.CANARY:
+            return {}
+        params = {}
+        if steps := self.cleaned_data.get("canary_steps"):
+            params["steps"] = steps
+        if (interval := self.cleaned_data.get("canary_interval_s")) is not None:
+            params["interval_s"] = interval
+        return params
+
     justification = forms.CharField(
         widget=forms.Textarea(attrs={"rows": 3}),
         max_length=4000,

@@ -21,6 +21,10 @@ def default_gates() -> list[str]:
     return list(ALL_GATES)
 
 
+def default_strategies() -> list[str]:
+    return ["direct", "canary"]
+
+
 class Environment(models.Model):
     """A stage a model version is released to, e.g. ``staging`` or ``production``.
 
@@ -63,6 +67,21 @@ class Environment(models.Model):
     request_expiry_days = models.PositiveSmallIntegerField(
         default=7, validators=[MinValueValidator(1)], help_text="undecided requests expire after"
     )
+    allowed_strategies = models.JSONField(
+        default=default_strategies,
+        blank=True,
+        help_text='the rollout strategies requests may use, e.g. ["direct", "canary"]',
+    )
+    rollout_defaults = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='default parameters per strategy, e.g. {"canary": {"interval_s": 300}}',
+    )
+    analysis_policy = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='canary analysis thresholds (AnalysisPolicy), e.g. {"alpha": 0.05}',
+    )
 
     class Meta:
         ordering = ["order", "name"]
@@ -80,6 +99,9 @@ class Environment(models.Model):
         "gates",
         "metric_tolerance",
         "request_expiry_days",
+        "allowed_strategies",
+        "rollout_defaults",
+        "analysis_policy",
     )
 
     def policy(self) -> dict[str, object]:
@@ -91,6 +113,9 @@ class Environment(models.Model):
             "gates": list(self.gates),
             "metric_tolerance": self.metric_tolerance,
             "request_expiry_days": self.request_expiry_days,
+            "allowed_strategies": list(self.allowed_strategies),
+            "rollout_defaults": dict(self.rollout_defaults),
+            "analysis_policy": dict(self.analysis_policy),
         }
 
 
@@ -150,6 +175,7 @@ class Endpoint(models.Model):
 
 class Strategy(models.TextChoices):
     DIRECT = "direct", "Direct (all traffic at once)"
+    CANARY = "canary", "Canary (growing shares of traffic, each judged against stable)"
 
 
 class DeploymentRequest(models.Model):
@@ -168,6 +194,7 @@ class DeploymentRequest(models.Model):
         FAILED = "failed", "Failed"
         ROLLED_BACK = "rolled_back", "Rolled back"
         SUPERSEDED = "superseded", "Superseded"
+        ROLLING_OUT = "rolling_out", "Rolling out"
 
     # The only allowed moves; ``rollouts.services`` raises InvalidTransition for any other.
     TRANSITIONS: dict[str, frozenset[str]] = {
@@ -180,7 +207,11 @@ class DeploymentRequest(models.Model):
         Status.APPROVED: frozenset({Status.DEPLOYING, Status.CANCELLED}),
         # Cancelling a deploy stuck in deploying (its worker died) frees the version at once;
         # a deploy task still running then finds the request cancelled and promotes nothing.
-        Status.DEPLOYING: frozenset({Status.LIVE, Status.FAILED, Status.CANCELLED}),
+        Status.DEPLOYING: frozenset(
+            {Status.LIVE, Status.ROLLING_OUT, Status.FAILED, Status.CANCELLED}
+        ),
+        # A canary serves its share of traffic until it is promoted or rolled back.
+        Status.ROLLING_OUT: frozenset({Status.LIVE, Status.ROLLED_BACK}),
         Status.LIVE: frozenset({Status.SUPERSEDED, Status.ROLLED_BACK}),
         # A rollback restores the release that the rolled-back one had superseded.
         Status.SUPERSEDED: frozenset({Status.LIVE}),
@@ -193,7 +224,13 @@ class DeploymentRequest(models.Model):
     }
     # Not yet decided or deployed: counts as "open" for duplicates and expiry.
     ACTIVE = frozenset(
-        {Status.PENDING_GATES, Status.AWAITING_REVIEW, Status.APPROVED, Status.DEPLOYING}
+        {
+            Status.PENDING_GATES,
+            Status.AWAITING_REVIEW,
+            Status.APPROVED,
+            Status.DEPLOYING,
+            Status.ROLLING_OUT,
+        }
     )
     UNDECIDED = frozenset({Status.PENDING_GATES, Status.AWAITING_REVIEW})
     TERMINAL = frozenset(
@@ -218,6 +255,9 @@ class DeploymentRequest(models.Model):
         Endpoint, on_delete=models.PROTECT, related_name="deployment_requests"
     )
     strategy = models.CharField(max_length=32, choices=Strategy.choices, default=Strategy.DIRECT)
+    strategy_params = models.JSONField(
+        default=dict, blank=True, help_text="the strategy's parameters, checked and completed"
+    )
     justification = models.TextField()
     requester = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="deployment_requests"
@@ -433,6 +473,9 @@ class Rollout(models.Model):
     lease_owner = models.CharField(max_length=64, blank=True, help_text="the claiming worker")
     lease_until = models.DateTimeField(
         null=True, blank=True, db_index=True, help_text="the claim's expiry"
+    )
+    next_check_at = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="when the step in progress is judged"
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

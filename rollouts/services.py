@@ -30,7 +30,7 @@ from portal.tasking import enqueue, enqueue_on_commit
 from registry import mlflow_client
 from registry.models import ModelVersion
 from registry.services import registry_set_alias
-from rollouts import gates
+from rollouts import gates, strategies
 from rollouts.models import (
     ApiKey,
     Comment,
@@ -169,15 +169,19 @@ def deployment_request_create(
     model_version: ModelVersion,
     environment: Environment,
     strategy: str = Strategy.DIRECT,
+    strategy_params: dict | None = None,
     justification: str,
     previous_request: DeploymentRequest | None = None,
 ) -> DeploymentRequest:
     """Open a request to deploy ``model_version`` to its endpoint in ``environment``; its gates
-    run in a Celery task once the transaction commits.
+    run in a Celery task once the transaction commits. ``strategy_params`` are the strategy's
+    parameters (``rollouts.strategies``); missing ones come from the environment's
+    ``rollout_defaults``, then the strategy's own.
 
     Raises:
         PermissionDenied: the user is not a data scientist of the model's team.
-        ValidationError: unknown strategy, empty justification, a version deleted in MLflow or
+        ValidationError: unknown strategy, one the environment does not allow, a bad strategy
+            parameter (named), a canary with no live stable to compare with, empty justification, a version deleted in MLflow or
             not marked READY, the promotion path not followed (e.g. production before staging), or an open
             request for the same version and endpoint.
         AlreadyLive: the version is already live on that endpoint (409).
@@ -191,6 +195,16 @@ def deployment_request_create(
         raise PermissionDenied(f"{model.name} does not belong to one of your teams.")
     if strategy not in Strategy.values:
         raise ValidationError({"strategy": f"Unknown strategy {strategy!r}."})
+    if strategy not in environment.allowed_strategies:
+        raise ValidationError(
+            {
+                "strategy": f"{environment.name} does not allow the {strategy} strategy; it "
+                f"allows {', '.join(environment.allowed_strategies) or 'none'}."
+            }
+        )
+    planned = strategies.plan(
+        strategy, strategy_params or {}, (environment.rollout_defaults or {}).get(strategy, {})
+    )
     if not justification.strip():
         raise ValidationError({"justification": "Say why this version should be deployed."})
     if model_version.deleted_at is not None:
@@ -224,6 +238,13 @@ def deployment_request_create(
     # requests could both pass the duplicate check below.
     Endpoint.objects.select_for_update().get(pk=endpoint.pk)
     _check_not_live(model_version, endpoint)
+    if strategy == Strategy.CANARY and stable_of(endpoint) is None:
+        raise ValidationError(
+            {
+                "strategy": f"A canary is compared with the live stable version, and "
+                f"{endpoint.name} has none yet: deploy the first release directly."
+            }
+        )
     open_request = DeploymentRequest.objects.filter(
         model_version=model_version, endpoint=endpoint, status__in=DeploymentRequest.ACTIVE
     ).first()
@@ -235,6 +256,7 @@ def deployment_request_create(
         model_version=model_version,
         endpoint=endpoint,
         strategy=strategy,
+        strategy_params=planned.as_dict()["params"],
         justification=justification.strip(),
         requester=requester,
         previous_request=previous_request,
@@ -249,6 +271,7 @@ def deployment_request_create(
             "version": model_version.version,
             "endpoint": endpoint.name,
             "strategy": strategy,
+            "strategy_params": planned.as_dict()["params"],
             "previous_request": previous_request.pk if previous_request else None,
         },
     )
@@ -608,6 +631,7 @@ def environment_policy_validate(env: Environment, *, changed: set[str] | None = 
                 "gates": f"Unknown gate(s): {', '.join(map(str, bad_gates))}; known: {', '.join(gates.ALL_GATES)}."
             }
         )
+    _rollout_policy_validate(env)
     seen, step = {env.pk}, env.requires_live_in
     while step is not None:
         if step.pk in seen:
@@ -620,6 +644,46 @@ def environment_policy_validate(env: Environment, *, changed: set[str] | None = 
         if problem:
             field = "approver_group" if "no active members" in problem else "required_approvals"
             raise ValidationError({field: problem})
+
+
+def _rollout_policy_validate(env: Environment) -> None:
+    """Allowed strategies, their default parameters and the analysis thresholds, each checked
+    by the code that will use them. Raises ValidationError keyed by field."""
+    from rollouts.analysis import AnalysisPolicy
+
+    allowed = env.allowed_strategies
+    if (
+        not isinstance(allowed, list)
+        or not allowed
+        or any(name not in Strategy.values for name in allowed)
+    ):
+        raise ValidationError(
+            {
+                "allowed_strategies": "A non-empty list of strategies, of: "
+                + ", ".join(Strategy.values)
+                + "."
+            }
+        )
+    defaults = env.rollout_defaults
+    if not isinstance(defaults, dict) or set(defaults) - set(Strategy.values):
+        raise ValidationError(
+            {"rollout_defaults": "An object of default parameters per strategy name."}
+        )
+    for name, params in defaults.items():
+        try:
+            strategies.plan(name, {}, params)
+        except ValidationError as exc:
+            problems = "; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())
+            raise ValidationError({"rollout_defaults": f"{name}: {problems}"}) from exc
+    thresholds = env.analysis_policy
+    try:
+        if not isinstance(thresholds, dict):
+            raise TypeError("an object of thresholds")
+        AnalysisPolicy(**thresholds)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(
+            {"analysis_policy": f"Not valid canary analysis thresholds: {exc}"}
+        ) from exc
 
 
 @transaction.atomic
@@ -730,21 +794,19 @@ def freeze_window_create(
 
 # --- Rollouts ----------------------------------------------------------------------------------
 
-#: The steps of each strategy, as planned weights of the new version (percent).
-STRATEGY_STEPS: dict[str, tuple[int, ...]] = {Strategy.DIRECT: (100,)}
-
 
 def rollout_plan(req: DeploymentRequest) -> Rollout:
-    """The request's rollout (state pending) with one step per planned weight of its strategy
-    (direct: one step of 100 %); the existing one if it has one already. Call it in the
-    transaction that holds the request's row lock."""
+    """The request's rollout (state pending) with one step per planned step of its strategy
+    (``rollouts.strategies``: direct, one step of 100 %); the existing one if it has one
+    already. Call it in the transaction that holds the request's row lock."""
     rollout, created = Rollout.objects.get_or_create(
         request=req, defaults={"strategy": req.strategy}
     )
     if created:
+        planned = strategies.plan(req.strategy, req.strategy_params or {})
         RolloutStep.objects.bulk_create(
-            RolloutStep(rollout=rollout, index=i, planned_weight=weight)
-            for i, weight in enumerate(STRATEGY_STEPS[req.strategy])
+            RolloutStep(rollout=rollout, index=step.index, planned_weight=step.weight)
+            for step in planned.steps
         )
     return rollout
 
@@ -822,6 +884,13 @@ def deployment_execute(*, request_id: int) -> DeploymentRequest:
         except Exception as exc:  # any failure of a model we were asked to launch is its failure
             logger.warning("deployment of request #%s failed: %s", req.pk, exc)
             return _deployment_fail(req.pk, reason=str(exc)[:2000])
+        if req.strategy == Strategy.CANARY:
+            from rollouts.executor import canary_start
+
+            try:
+                return canary_start(req.pk, digest=digest)
+            except Conflict as exc:  # the stable went away since the request was made
+                return _deployment_fail(req.pk, reason=str(exc))
         req = _deployment_promote(req.pk, digest=digest)
     if req.status == Status.LIVE and deployment is not None:
         _sync_alias(req)
@@ -1077,6 +1146,23 @@ def traffic_set(
     return history
 
 
+def _retire_superseded(previous: Deployment, *, by: DeploymentRequest, actor, now) -> None:
+    """Retire a live deployment that ``by`` replaces; its request becomes superseded. The
+    caller moves the traffic (``traffic_set``) in the same transaction."""
+    previous.status, previous.retired_at = Deployment.Status.RETIRED, now
+    previous.save(update_fields=["status", "retired_at"])
+    old_req = _locked_request(previous.request_id)
+    if old_req.status == Status.LIVE:
+        _transition(old_req, Status.SUPERSEDED, reason=f"replaced by request #{by.pk}")
+        _audit(
+            old_req,
+            "request.superseded",
+            actor,
+            before={"status": Status.LIVE},
+            after={"status": old_req.status},
+        )
+
+
 @transaction.atomic
 def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
     """Direct strategy: the new version becomes stable and takes 100% of the endpoint's traffic
@@ -1092,18 +1178,7 @@ def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
         .exclude(request=req)
     ):
         # Its traffic goes below, in the same transaction (traffic_set gives it 0).
-        previous.status, previous.retired_at = Deployment.Status.RETIRED, now
-        previous.save(update_fields=["status", "retired_at"])
-        old_req = _locked_request(previous.request_id)
-        if old_req.status == Status.LIVE:
-            _transition(old_req, Status.SUPERSEDED, reason=f"replaced by request #{req.pk}")
-            _audit(
-                old_req,
-                "request.superseded",
-                None,
-                before={"status": Status.LIVE},
-                after={"status": old_req.status},
-            )
+        _retire_superseded(previous, by=req, actor=None, now=now)
     deployment = Deployment.objects.select_for_update().get(request=req)
     deployment.status, deployment.role = Deployment.Status.LIVE, Deployment.Role.STABLE
     deployment.artifact_digest, deployment.live_at = digest, now
@@ -1160,6 +1235,22 @@ def _rollback(endpoint_id: int, actor: User | None, reason: str) -> DeploymentRe
         .select_related("environment", "registered_model")
         .get(pk=endpoint_id)
     )
+    canary = Deployment.objects.filter(
+        endpoint=endpoint, status=Deployment.Status.LIVE, role=Deployment.Role.CANARY,
+        request__status=Status.ROLLING_OUT,
+    ).first()  # fmt: skip
+    if canary is not None:  # rolling back during a canary aborts it: stable serves everything
+        from rollouts.executor import _abort
+
+        rollout = Rollout.objects.select_for_update().get(request_id=canary.request_id)
+        who = actor.get_username() if actor is not None else "an alert rule"
+        _abort(
+            rollout,
+            _locked_request(canary.request_id),
+            reason=f"rolled back by {who}: {reason.strip()}",
+            actor=actor,
+        )
+        return _locked_request(stable_of(endpoint).request_id)
     stable = stable_of(endpoint)
     live = (
         endpoint.deployments.select_for_update().get(pk=stable.pk) if stable is not None else None
@@ -1237,7 +1328,6 @@ def api_key_hash(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
 
 
-@transaction.atomic
 def api_key_validate(
     name: str, endpoints: list[Endpoint], rate_limit_per_minute: int | None
 ) -> None:

@@ -69,3 +69,27 @@ def resend_notifications() -> int:
     """Periodic (beat, ``NOTIFICATION_RESEND_S``): send the notifications still unsent a
     minute after they were recorded (the broker was down, or the mail server failed)."""
     return len(notifications.notifications_resend())
+
+
+@shared_task(acks_late=True, time_limit=300, soft_time_limit=240)
+def advance_rollout(rollout_id: int) -> str | None:
+    """Judge a rollout's step in progress when it is due, and act on the verdict; returns the
+    rollout's state afterwards (``rollouts.executor.rollout_advance``)."""
+    from rollouts.executor import rollout_advance
+    from rollouts.models import Rollout
+
+    try:
+        return rollout_advance(rollout_id=rollout_id).state
+    except Rollout.DoesNotExist:
+        logger.warning("advance_rollout: rollout #%s does not exist; nothing to do", rollout_id)
+        return None
+
+
+@shared_task
+def advance_rollouts() -> int:
+    """Periodic (beat, ``ROLLOUT_CHECK_S``): send every rollout whose step is due and whose
+    claim is free or lapsed (its worker died); returns how many were sent."""
+    from portal.tasking import enqueue
+    from rollouts.executor import rollouts_due
+
+    return sum(1 for pk in rollouts_due() if enqueue(advance_rollout, pk))

@@ -46,6 +46,10 @@ def request_list(request: HttpRequest) -> HttpResponse:
     )
 
 
+#: The request form's fields for the canary parameters a ValidationError names.
+CANARY_FIELDS = {"steps": "canary_steps", "interval_s": "canary_interval_s"}
+
+
 @login_required
 def request_create(request: HttpRequest, name: str, version: int) -> HttpResponse:
     if not can_request_deployment(request.user):
@@ -86,10 +90,12 @@ def request_create(request: HttpRequest, name: str, version: int) -> HttpRespons
                         model_version=mv,
                         environment=form.cleaned_data["environment"],
                         strategy=form.cleaned_data["strategy"],
+                        strategy_params=form.strategy_params(),
                         justification=form.cleaned_data["justification"],
                     )
             except ValidationError as exc:
                 for field, errors in exc.message_dict.items():
+                    field = CANARY_FIELDS.get(field, field)
                     form.add_error(field if field in form.fields else None, errors)
             except Conflict as exc:
                 # Asking again while the old request is still open: a state conflict, not bad input.

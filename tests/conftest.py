@@ -276,13 +276,22 @@ def deploy(django_capture_on_commit_callbacks, data_scientist, reviewer, second_
     from rollouts import services
     from rollouts.models import Environment
 
-    def _deploy(model_version, environment: str = "staging", *, justification: str = "test"):
+    def _deploy(
+        model_version,
+        environment: str = "staging",
+        *,
+        justification: str = "test",
+        strategy: str = "direct",
+        strategy_params: dict | None = None,
+    ):
         env = Environment.objects.get(name=environment)
         with django_capture_on_commit_callbacks(execute=True):
             req = services.deployment_request_create(
                 requester=data_scientist,
                 model_version=model_version,
                 environment=env,
+                strategy=strategy,
+                strategy_params=strategy_params,
                 justification=justification,
             )
         req.refresh_from_db()

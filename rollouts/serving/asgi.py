@@ -180,7 +180,9 @@ class ServingApp:
             return failed
         withdraw = loop_batcher.announce(route.model_name, route.version)
         try:
-            parsed = inv.parse(admitted, await body.read(admitted.limit + 1), meta.content_type, trace)
+            parsed = inv.parse(
+                admitted, await body.read(admitted.limit + 1), meta.content_type, trace
+            )
         finally:
             withdraw()
         if isinstance(parsed, inv.Answer):
@@ -258,9 +260,7 @@ class _Body:
             size += len(chunk)
         return b"".join(chunks)[:at_most]
 
-    async def drain(
-        self, bound: int, *, declared: str = "", expect_continue: bool = False
-    ) -> bool:
+    async def drain(self, bound: int, *, declared: str = "", expect_continue: bool = False) -> bool:
         """Read and discard the rest of the body, at most ``bound`` more bytes: True when it
         was read to its end (the connection may be kept), False when the caller should
         answer and close. Nothing is read when the ``declared`` Content-Length already says

@@ -233,7 +233,10 @@ def _refuse_too_large(value: Any, what: str) -> None:
     while stack:
         item = stack.pop()
         if isinstance(item, TooLarge) or (
-            isinstance(item, float) and math.isinf(item) and item is not _INF and item is not _NEG_INF
+            isinstance(item, float)
+            and math.isinf(item)
+            and item is not _INF
+            and item is not _NEG_INF
         ):
             raise InputError(f"The body has {what} that is a number too large for a double.")
         if isinstance(item, dict):
@@ -386,7 +389,10 @@ def _convert(value: Any, spec: ColumnSpec, row: int, from_text: bool) -> Any:
             return math.nan  # a missing float is NaN, as in pandas and MLflow
         raise InputError(f"{where}: null is not allowed in a {kind} column.")
     if isinstance(value, TooLarge) or (
-        isinstance(value, float) and math.isinf(value) and value is not _INF and value is not _NEG_INF
+        isinstance(value, float)
+        and math.isinf(value)
+        and value is not _INF
+        and value is not _NEG_INF
     ):
         raise InputError(f"{where}: the number is too large for a {kind} column.")
     if kind in ("double", "float"):

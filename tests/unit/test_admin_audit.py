@@ -93,6 +93,9 @@ ADDS = {
         "metric_tolerance": "0.05",
         "request_expiry_days": "7",
         "gates": '["model_loads"]',
+        "allowed_strategies": '["direct", "canary"]',
+        "rollout_defaults": '{"canary": {"interval_s": 60}}',
+        "analysis_policy": "{}",
     },
     "rollouts.FreezeWindow": lambda world: {
         "environment": str(world.environment_id),

@@ -14,9 +14,9 @@ from django.utils import timezone
 
 from monitoring.canary import PredictionLogAnalysis
 from monitoring.models import GroundTruth
-from rollouts import analysis, services
+from rollouts import analysis
 from rollouts.analysis import AnalysisPolicy, WindowFigures
-from rollouts.models import Environment, PredictionLog, ServingError
+from rollouts.models import PredictionLog, ServingError
 
 JUDGE = PredictionLogAnalysis().judge
 POLICY = AnalysisPolicy()  # alpha 0.05 over the rollout
@@ -211,11 +211,11 @@ def test_monitoring_registers_the_analysis():
     assert isinstance(analysis.canary_analysis(), PredictionLogAnalysis)
 
 
-def test_window_figures_are_read_from_the_log(synced, db):
-    v1, v2 = synced
-    endpoint = services.endpoint_for(
-        model_version=v1, environment=Environment.objects.get(name="staging")
-    )
+def test_window_figures_are_read_from_the_log(synced, deploy):
+    """Only the deployment's own rows and errors of the window count."""
+    v1, _ = synced
+    req = deploy(v1, "staging")
+    deployment, endpoint = req.deployment, req.endpoint
     start = timezone.now().replace(microsecond=0)
     latencies = [5.0, 7.0, 9.0, 11.0, 40.0]
     for i, latency in enumerate(latencies):
@@ -223,29 +223,26 @@ def test_window_figures_are_read_from_the_log(synced, db):
         for row in range(2):  # two rows a request
             log = PredictionLog.objects.create(
                 request_id=request_id, row_index=row, endpoint=endpoint, model_version=v1,
-                features={}, prediction=1, latency_ms=latency,
+                deployment=deployment, features={}, prediction=1, latency_ms=latency,
                 created_at=start + timedelta(seconds=i),
             )  # fmt: skip
             if i < 3:  # labels for the first three requests: 1, 1, 0 on both rows
                 GroundTruth.objects.create(prediction=log, label=int(i < 2), received_at=start)
-    # outside the window, or another version: not counted
+    # outside the window, or answered by no known deployment (older rows): not counted
     PredictionLog.objects.create(
-        endpoint=endpoint, model_version=v1, features={}, prediction=0, latency_ms=1.0,
-        created_at=start + timedelta(minutes=10),
+        endpoint=endpoint, model_version=v1, deployment=deployment, features={}, prediction=0,
+        latency_ms=1.0, created_at=start + timedelta(minutes=10),
     )  # fmt: skip
     PredictionLog.objects.create(
-        endpoint=endpoint, model_version=v2, features={}, prediction=0, latency_ms=1.0,
+        endpoint=endpoint, model_version=v1, features={}, prediction=0, latency_ms=1.0,
         created_at=start,
     )  # fmt: skip
     ServingError.objects.create(
-        request_id=uuid.uuid4(), endpoint=endpoint, model_version=v1, status_code=422,
-        error_code="BAD_REQUEST", created_at=start + timedelta(seconds=1),
+        request_id=uuid.uuid4(), endpoint=endpoint, model_version=v1, deployment=deployment,
+        status_code=422, error_code="BAD_REQUEST", created_at=start + timedelta(seconds=1),
     )  # fmt: skip
     figures = analysis.canary_analysis().window_figures(
-        endpoint_id=endpoint.pk,
-        model_version_id=v1.pk,
-        start=start,
-        end=start + timedelta(minutes=5),
+        deployment_id=deployment.pk, start=start, end=start + timedelta(minutes=5)
     )
     assert (figures.requests, figures.errors) == (6, 1)
     assert figures.latencies_ms == tuple(latencies)

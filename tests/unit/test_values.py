@@ -193,6 +193,9 @@ def test_the_admin_saves_nothing_of_an_environment_whose_policy_fails(
         "gates": '["model_loads"]',
         "metric_tolerance": "0.0",
         "request_expiry_days": "7",
+        "allowed_strategies": '["direct"]',
+        "rollout_defaults": "{}",
+        "analysis_policy": "{}",
     }
     response = client.post(url, form)
     assert response.status_code == 200  # the form again, with the error
