@@ -24,6 +24,7 @@ from registry.models import ModelVersion
 from rollouts import gates, selectors, services
 from rollouts.models import (
     ApiKey,
+    Deployment,
     DeploymentRequest,
     Endpoint,
     Environment,
@@ -567,3 +568,74 @@ class EndpointRollbackApi(ApiView):
             endpoint_id=endpoint.pk, actor=request.user, reason=data.validated_data["reason"]
         )
         return _detail(request, restored.pk)
+
+
+# --- Rollouts -----------------------------------------------------------------------------------
+
+
+class RolloutStepOut(serializers.Serializer):
+    index = serializers.IntegerField()
+    planned_weight = serializers.IntegerField(help_text="percent of traffic to the new version")
+    started_at = serializers.DateTimeField(allow_null=True)
+    ended_at = serializers.DateTimeField(allow_null=True)
+    verdict = serializers.CharField(help_text="pass, fail, inconclusive; empty: not judged")
+    figures = serializers.DictField(help_text="the checks: canary and stable figures, rule, p")
+
+
+class RolloutOut(serializers.Serializer):
+    request = serializers.IntegerField(source="request_id")
+    strategy = serializers.CharField()
+    params = serializers.DictField(source="request.strategy_params")
+    state = serializers.CharField()
+    state_reason = serializers.CharField()
+    next_check_at = serializers.DateTimeField(allow_null=True)
+    traffic = serializers.SerializerMethodField()
+    steps = RolloutStepOut(many=True)
+
+    def get_traffic(self, rollout) -> dict[str, int]:
+        live = Deployment.objects.filter(
+            endpoint_id=rollout.request.endpoint_id, status=Deployment.Status.LIVE
+        ).select_related("model_version")
+        return {f"v{d.model_version.version}": d.traffic_weight for d in live}
+
+
+def _rollout(request: Request, request_id: int):
+    req = _visible(request, request_id)
+    rollout = getattr(req, "rollout", None)
+    if rollout is None:
+        raise Http404(f"Request #{request_id} has no rollout yet.")
+    return rollout
+
+
+class RolloutApi(ApiView):
+    """``GET /api/requests/<id>/rollout``: the request's rollout, its steps and verdicts."""
+
+    @extend_schema(responses=RolloutOut)
+    def get(self, request: Request, request_id: int) -> Response:
+        return Response(RolloutOut(_rollout(request, request_id)).data)
+
+
+class RolloutControlApi(ApiView):
+    """``POST /api/requests/<id>/rollout/{pause,resume,promote,abort}`` ``{reason}`` (reviewers
+    and platform admins; a reason is required to promote or abort). 409 on a finished
+    rollout."""
+
+    class InputSerializer(serializers.Serializer):
+        reason = serializers.CharField(
+            max_length=4000, required=False, allow_blank=True, default=""
+        )
+
+    @extend_schema(request=InputSerializer, responses=RolloutOut)
+    def post(self, request: Request, request_id: int, action: str) -> Response:
+        from rollouts.executor import rollout_control
+
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        rollout = _rollout(request, request_id)
+        rollout_control(
+            rollout_id=rollout.pk,
+            actor=request.user,
+            action=action,
+            reason=data.validated_data["reason"],
+        )
+        return Response(RolloutOut(_rollout(request, request_id)).data)

@@ -37,6 +37,12 @@ urlpatterns = [
         api.DeploymentRequestCommentsApi.as_view(),
         name="api-request-comments",
     ),
+    path("requests/<int:request_id>/rollout", api.RolloutApi.as_view(), name="api-rollout"),
+    path(
+        "requests/<int:request_id>/rollout/<str:action>",
+        api.RolloutControlApi.as_view(),
+        name="api-rollout-control",
+    ),
     path("environments", api.EnvironmentListApi.as_view(), name="api-environments"),
     path("environments/<slug:name>", api.EnvironmentDetailApi.as_view(), name="api-environment"),
     path(

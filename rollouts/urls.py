@@ -18,6 +18,12 @@ urlpatterns = [
         views.request_override_freeze,
         name="request_override_freeze",
     ),
+    path("requests/<int:request_id>/rollout", views.rollout_detail, name="rollout"),
+    path(
+        "requests/<int:request_id>/rollout/<str:action>",
+        views.rollout_control,
+        name="rollout_control",
+    ),
     path("endpoints/", views.endpoint_list, name="endpoints"),
     path("api-keys/", views.api_key_list, name="api_keys"),
     path("api-keys/<int:key_id>/revoke", views.api_key_revoke, name="api_key_revoke"),

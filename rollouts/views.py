@@ -370,3 +370,67 @@ def api_key_revoke(request: HttpRequest, key_id: int) -> HttpResponse:
         raise Http404(f"No API key #{key_id}.") from None
     messages.success(request, f"Revoked {key}: it is refused from now on.")
     return redirect("rollouts:api_keys")
+
+
+# --- the rollout page (canary steps, verdicts, controls) -------------------------------------
+
+
+def _rollout_context(request: HttpRequest, req: DeploymentRequest, **extra) -> dict:
+    rollout = getattr(req, "rollout", None)
+    if rollout is None:
+        raise Http404(f"Request #{req.pk} has no rollout yet (it is {req.get_status_display()}).")
+    steps = list(rollout.steps.all())
+    for step in steps:
+        step.checks = (step.figures or {}).get("checks", [])
+    live = Deployment.objects.filter(
+        endpoint=req.endpoint, status=Deployment.Status.LIVE
+    ).select_related("model_version")
+    now = timezone.now()
+    return {
+        "req": req,
+        "rollout": rollout,
+        "steps": steps,
+        "live": live,
+        "seconds_to_check": max(0, int((rollout.next_check_at - now).total_seconds()))
+        if rollout.next_check_at and rollout.is_active
+        else None,
+        "can_control": rollout.is_active
+        and req.status == DeploymentRequest.Status.ROLLING_OUT
+        and (can_review(request.user) or is_platform_admin(request.user)),
+        **extra,
+    }
+
+
+@login_required
+def rollout_detail(request: HttpRequest, request_id: int) -> HttpResponse:
+    """The request's rollout: steps, weights, time to the next check, each analysis beside its
+    thresholds, and the controls; htmx refreshes the live part every two seconds."""
+    req = _visible_request(request, request_id)
+    template = "rollouts/_rollout_live.html" if request.htmx else "rollouts/rollout_detail.html"
+    return render(request, template, _rollout_context(request, req))
+
+
+@login_required
+@require_POST
+def rollout_control(request: HttpRequest, request_id: int, action: str) -> HttpResponse:
+    from rollouts.executor import rollout_control as control
+
+    req = _visible_request(request, request_id)
+    context = _rollout_context(request, req)
+    try:
+        control(
+            rollout_id=context["rollout"].pk,
+            actor=request.user,
+            action=action,
+            reason=_text(request, "reason"),
+        )
+    except DOMAIN_ERRORS as exc:
+        status, error = _domain_error(exc)
+        return render(
+            request,
+            "rollouts/rollout_detail.html",
+            _rollout_context(request, _visible_request(request, request_id), error=error),
+            status=status,
+        )
+    messages.success(request, f"Rollout of request #{req.pk}: {action} done.")
+    return redirect("rollouts:rollout", request_id=req.pk)

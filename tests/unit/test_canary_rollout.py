@@ -257,3 +257,37 @@ def test_a_bad_rollout_policy_is_refused(db, platform_admin, field, value):
     assert field in caught.value.message_dict
     env.refresh_from_db()
     assert env.allowed_strategies == ["direct", "canary"]
+
+
+def test_the_rollout_page_shows_steps_weights_and_controls(canary, client, reviewer, manager):
+    client.force_login(manager)
+    page = client.get(f"/rollouts/requests/{canary.pk}/rollout")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "v1 (stable) · 80%" in html and "v2 (canary) · 20%" in html
+    assert "next check in" in html and "Promote" not in html  # a manager only reads
+    fragment = client.get(f"/rollouts/requests/{canary.pk}/rollout", headers={"HX-Request": "true"})
+    assert fragment.content.decode().lstrip().startswith('<div id="rollout-live"')
+    assert 'data-testid="rollout-link"' in client.get(canary.get_absolute_url()).content.decode()
+    client.force_login(reviewer)
+    assert "Promote" in client.get(f"/rollouts/requests/{canary.pk}/rollout").content.decode()
+    url = f"/rollouts/requests/{canary.pk}/rollout/promote"
+    assert client.post(url, {"reason": ""}).status_code == 400  # a reason is required
+    assert client.post(url, {"reason": "checked by hand"}).status_code == 302
+    assert client.post(url, {"reason": "again"}).status_code == 409  # finished
+    assert client.post(f"/rollouts/requests/{canary.pk}/rollout/launch").status_code in (400, 409)
+
+
+def test_the_rollout_api_reads_and_controls(canary, reviewer):
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    api.force_authenticate(reviewer)
+    body = api.get(f"/api/requests/{canary.pk}/rollout").json()
+    assert body["state"] == "progressing" and body["traffic"] == {"v1": 80, "v2": 20}
+    assert [s["planned_weight"] for s in body["steps"]] == [20, 50, 100]
+    assert api.post(f"/api/requests/{canary.pk}/rollout/abort", {}).status_code == 400
+    done = api.post(f"/api/requests/{canary.pk}/rollout/abort", {"reason": "wrong data"})
+    assert done.status_code == 200 and done.json()["state"] == "aborted"
+    again = api.post(f"/api/requests/{canary.pk}/rollout/pause", {})
+    assert again.status_code == 409

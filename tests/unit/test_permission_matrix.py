@@ -80,6 +80,8 @@ MATRIX: dict[str, dict[str, dict[str, int]]] = {
         "POST": S(403, 403, 403, 403, 302, 302),
     },
     "rollouts:api_key_revoke": {"POST": S(403, 403, 403, 403, 302, 302)},
+    "rollouts:rollout": {"GET": OWN_PAGE},
+    "rollouts:rollout_control": {"POST": S(403, 404, 302, 403, 302, 302)},
     "monitoring:endpoint": {"GET": OWN_PAGE},
     "monitoring:alerts": {"GET": ALL_PAGE},
     "monitoring:alert": {"GET": OWN_PAGE},
@@ -111,6 +113,8 @@ MATRIX: dict[str, dict[str, dict[str, int]]] = {
     "api-request-resubmit": {"POST": S(201, 404, 403, 403, 403, 403)},
     "api-request-override-freeze": {"POST": S(403, 404, 403, 403, 200, 403)},
     "api-request-comments": {"GET": OWN_API, "POST": S(201, 404, 201, 201, 201, 403)},
+    "api-rollout": {"GET": OWN_API},
+    "api-rollout-control": {"POST": S(403, 404, 200, 403, 200, 403)},
     "api-environments": {"GET": ALL_API},
     "api-environment": {"GET": ALL_API, "PATCH": ADMIN_API},
     "api-environment-freeze-windows": {"GET": ALL_API, "POST": S(403, 403, 403, 403, 201, 403)},
@@ -217,6 +221,9 @@ def world(
     assert deploy(v2, "staging").status == "live"
     pending = awaiting_review(v1, "production")
     assert pending.status == "awaiting_review", pending.status_reason
+    # v1 again on staging, as a canary beside v2 (stable): its rollout page and controls
+    canary = deploy(v1, "staging", strategy="canary", strategy_params={"interval_s": 600})
+    assert canary.status == "rolling_out", canary.status_reason
     rejected = awaiting_review(v2, "production")
     services.deployment_request_reject(request_id=rejected.pk, reviewer=reviewer, comment="later")
     staging = Endpoint.objects.get(environment__name="staging")
@@ -262,6 +269,7 @@ def world(
         v2=v2,
         pending=pending,
         rejected=rejected,
+        canary=canary,
         staging=staging,
         api_key=key,
         rule=rule,
@@ -276,7 +284,8 @@ def _kwargs(route: str, method: str, w: SimpleNamespace) -> dict:
         "registry:model": {"name": model},
         "registry:compare": {"name": model},
         "registry:version": {"name": model, "version": 1},
-        "rollouts:request_create": {"name": model, "version": 1},
+        # v2 to production (v1 is the canary on staging, and awaiting review for production)
+        "rollouts:request_create": {"name": model, "version": 2},
         "rollouts:request": {"request_id": pending},
         "rollouts:request_approve": {"request_id": pending},
         "rollouts:request_reject": {"request_id": pending},
@@ -286,6 +295,10 @@ def _kwargs(route: str, method: str, w: SimpleNamespace) -> dict:
         "rollouts:endpoint_timeline": {"name": w.staging.name},
         "rollouts:endpoint_rollback": {"name": w.staging.name},
         "rollouts:api_key_revoke": {"key_id": w.api_key.pk},
+        "rollouts:rollout": {"request_id": w.canary.pk},
+        "rollouts:rollout_control": {"request_id": w.canary.pk, "action": "pause"},
+        "api-rollout": {"request_id": w.canary.pk},
+        "api-rollout-control": {"request_id": w.canary.pk, "action": "pause"},
         "monitoring:endpoint": {"name": w.staging.name},
         "monitoring:alert": {"alert_id": w.alert.pk},
         "monitoring:alert_acknowledge": {"alert_id": w.alert.pk},
@@ -321,10 +334,9 @@ def _kwargs(route: str, method: str, w: SimpleNamespace) -> dict:
 
 def _body(route: str, method: str, w: SimpleNamespace):
     """A body that is valid for the persona entitled to the call."""
-    staging = Environment.objects.get(name="staging")
     bodies = {
         "rollouts:request_create": {
-            "environment": staging.pk,
+            "environment": Environment.objects.get(name="production").pk,
             "strategy": "direct",
             "justification": "j",
         },
@@ -361,8 +373,8 @@ def _body(route: str, method: str, w: SimpleNamespace):
         "monitoring:drift_baseline": {"version": "1", "clear": "1"},
         "api-requests": {
             "model": REGISTERED_MODEL,
-            "version": 1,
-            "environment": "staging",
+            "version": 2,
+            "environment": "production",
             "justification": "j",
         },
         "api-request-approve": {"comment": "fine"},
