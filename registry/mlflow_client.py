@@ -314,6 +314,21 @@ def set_alias(name: str, alias: str, version: int) -> None:
         raise RegistryError(f"cannot set alias {alias!r} on {name} v{version}: {exc}") from exc
 
 
+def delete_alias(name: str, alias: str) -> None:
+    """Remove an alias of a registered model; nothing happens when it is not set.
+
+    Raises:
+        RegistryError: MLflow refused or is unreachable.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias in (_client().get_registered_model(name).aliases or {}):
+            _client().delete_registered_model_alias(name, alias)
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"cannot remove alias {alias!r} of {name}: {exc}") from exc
+
+
 # The model-registry events MLflow 3.17 emits (``mlflow.entities.webhook.VALID_ENTITY_ACTIONS``
 # minus prompts and budget policies): each one can change what the portal mirrors.
 REGISTRY_WEBHOOK_EVENTS: tuple[str, ...] = (

@@ -292,3 +292,28 @@ def registry_set_alias(*, model_version: ModelVersion, alias: str, actor: User |
             before={"alias": alias, "version": before},
             after={"alias": alias, "version": model_version.version},
         )
+
+
+def registry_delete_alias(
+    *, registered_model: RegisteredModel, alias: str, actor: User | None
+) -> None:
+    """Remove an MLflow alias and its mirror, with one audit event; nothing when it is unset.
+
+    Raises:
+        mlflow_client.RegistryError: MLflow refused; the mirror is left unchanged.
+    """
+    mlflow_client.delete_alias(registered_model.name, alias)
+    with transaction.atomic():
+        model = RegisteredModel.objects.select_for_update().get(pk=registered_model.pk)
+        if alias not in model.aliases:
+            return
+        before = model.aliases[alias]
+        model.aliases = {k: v for k, v in model.aliases.items() if k != alias}
+        model.save(update_fields=["aliases"])
+        audit_record(
+            actor=actor,
+            action="registry.alias_removed",
+            obj=model,
+            registered_model=model.name,
+            before={"alias": alias, "version": before},
+        )

@@ -105,7 +105,33 @@ def canary_start(request_id: int, *, digest: str) -> DeploymentRequest:
     rollout.next_check_at = now + timedelta(seconds=req.strategy_params["interval_s"])
     rollout.save(update_fields=["next_check_at", "updated_at"])
     _notify_advance_on_commit(rollout.pk, countdown=req.strategy_params["interval_s"])
+    transaction.on_commit(lambda: challenger_alias_sync(req.pk))
     return req
+
+
+#: The MLflow alias that names a running canary (removed when its rollout ends).
+CHALLENGER = "challenger"
+
+
+def challenger_alias_sync(request_id: int) -> None:
+    """MLflow's ``challenger`` alias follows the truth: it names the request's version while
+    the request is rolling out, and is removed (if still its) when the rollout ends. A failure
+    to reach MLflow is logged; the next change of the rollout tries again."""
+    from registry.services import registry_delete_alias, registry_set_alias
+
+    req = DeploymentRequest.objects.select_related("model_version__registered_model").get(
+        pk=request_id
+    )
+    mv = req.model_version
+    model = mv.registered_model
+    try:
+        if req.status == Status.ROLLING_OUT:
+            if model.aliases.get(CHALLENGER) != mv.version:
+                registry_set_alias(model_version=mv, alias=CHALLENGER, actor=None)
+        elif model.aliases.get(CHALLENGER) == mv.version:
+            registry_delete_alias(registered_model=model, alias=CHALLENGER, actor=None)
+    except Exception:  # RegistryError, or MLflow unreachable
+        logger.warning("challenger alias of request #%s not synced", request_id, exc_info=True)
 
 
 def _notify_advance_on_commit(rollout_id: int, *, countdown: float) -> None:
@@ -260,6 +286,7 @@ def _promote(rollout, req, endpoint, canary, stable, last_step, actor, reason) -
     _rollout_transition(rollout, Rollout.State.SUCCEEDED, reason=reason)
     _notify(req.pk, "live")
     transaction.on_commit(lambda: _sync_alias_quietly(req.pk))
+    transaction.on_commit(lambda: challenger_alias_sync(req.pk))
     return rollout
 
 
@@ -299,6 +326,7 @@ def _abort(rollout: Rollout, req: DeploymentRequest, *, reason: str, actor=None)
     rollout.save(update_fields=["next_check_at", "updated_at"])
     _rollout_transition(rollout, Rollout.State.ABORTED, reason=reason[:2000])
     _notify(req.pk, "rolled_back")
+    transaction.on_commit(lambda: challenger_alias_sync(req.pk))
     return rollout
 
 

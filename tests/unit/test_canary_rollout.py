@@ -291,3 +291,25 @@ def test_the_rollout_api_reads_and_controls(canary, reviewer):
     assert done.status_code == 200 and done.json()["state"] == "aborted"
     again = api.post(f"/api/requests/{canary.pk}/rollout/pause", {})
     assert again.status_code == 409
+
+
+def test_the_challenger_alias_names_the_running_canary_only(
+    canary, django_capture_on_commit_callbacks
+):
+    from registry import mlflow_client
+
+    def aliases():
+        client = mlflow_client._client()
+        return client.get_registered_model(canary.model_version.registered_model.name).aliases
+
+    assert aliases().get("challenger") == 2
+    assert aliases().get("staging") == 1  # the environment's alias stays on stable
+    stable, new = _parts(canary)
+    start = Rollout.objects.get(request=canary).steps.get(index=0).started_at
+    _serve(stable, 200, correct=0.95, start=start)
+    _serve(new, 100, correct=0.5, start=start)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert _advance(canary).state == Rollout.State.ABORTED
+    assert "challenger" not in aliases() and aliases().get("staging") == 1
+    canary.model_version.registered_model.refresh_from_db()
+    assert "challenger" not in canary.model_version.registered_model.aliases
