@@ -313,3 +313,23 @@ def test_the_challenger_alias_names_the_running_canary_only(
     assert "challenger" not in aliases() and aliases().get("staging") == 1
     canary.model_version.registered_model.refresh_from_db()
     assert "challenger" not in canary.model_version.registered_model.aliases
+
+
+def test_consecutive_canaries_never_leak_traffic_to_an_aborted_one(canary, deploy, reviewer):
+    """Stable v1, canary v2 at 20 %, aborted; a new canary of v2 at 30 % gives 70/30 between
+    v1 and the new deployment, and nothing to the aborted one (KServe's known leak)."""
+    first = Deployment.objects.get(request=canary)
+    executor.rollout_control(
+        rollout_id=Rollout.objects.get(request=canary).pk,
+        actor=reviewer,
+        action="abort",
+        reason="retry with a larger first step",
+    )
+    again = deploy(
+        canary.model_version, "staging", strategy="canary", strategy_params={"steps": [30, 100]}
+    )
+    assert again.status == Status.ROLLING_OUT, again.status_reason
+    assert _weights(canary.endpoint) == {1: 70, 2: 30}
+    first.refresh_from_db()
+    assert (first.status, first.traffic_weight) == (Deployment.Status.RETIRED, 0)
+    assert Deployment.objects.get(request=again).traffic_weight == 30
