@@ -23,6 +23,10 @@ from sklearn.preprocessing import StandardScaler
 
 SPLIT_SEED = 42
 TEST_SIZE = 0.3
+#: Seed of the label permutation of the ``shuffled`` kind (deterministic: the same bad model on
+#: every run; with it the model scores 0.53 accuracy on the test split, against 0.99 for v1).
+SHUFFLE_SEED = 0
+KINDS = ("logistic", "forest", "shuffled")
 EXPERIMENT = "breast-cancer"
 
 # skops (MLflow 3's default format for scikit-learn) refuses to load any type it does not trust.
@@ -52,18 +56,30 @@ def breast_cancer_split() -> Split:
 
 
 def make_estimator(kind: str):
-    """``logistic`` (scaled logistic regression) or ``forest`` (random forest)."""
-    if kind == "logistic":
+    """``logistic`` (scaled logistic regression), ``forest`` (random forest) or ``shuffled``
+    (the same logistic regression; :func:`training_labels` gives it shuffled labels)."""
+    if kind in ("logistic", "shuffled"):
         return Pipeline([("scale", StandardScaler()), ("clf", LogisticRegression(max_iter=1000))])
     if kind == "forest":
         return RandomForestClassifier(n_estimators=100, random_state=0, n_jobs=1)
-    raise ValueError(f"unknown model kind {kind!r}; use 'logistic' or 'forest'")
+    raise ValueError(f"unknown model kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def training_labels(kind: str, split: Split) -> pd.Series:
+    """The labels ``kind`` is trained on: the true ones, except for ``shuffled``, a deliberately
+    bad model for the demo's canary (the same rows and features, the labels permuted with
+    :data:`SHUFFLE_SEED`, so that it learns nothing and still looks like a real model: same
+    signature, same classes, same class balance)."""
+    if kind != "shuffled":
+        return split.y_train
+    permuted = split.y_train.sample(frac=1.0, random_state=SHUFFLE_SEED)
+    return permuted.set_axis(split.y_train.index)
 
 
 def train_and_register(
     kind: str, registered_model_name: str, *, team: str | None = "diagnostics"
 ) -> int:
-    """Train ``kind`` on the train split, log it to MLflow and register it; returns the new
+    """Train ``kind`` (see :func:`make_estimator`) on the train split, log it to MLflow and register it; returns the new
     version number. Metrics are computed on the held-out test split. ``team`` is set as the
     registered model's MLflow tag ``team``, which Rollgate reads as the owning team."""
     import mlflow
@@ -77,7 +93,9 @@ def train_and_register(
     mlflow.set_experiment(EXPERIMENT)
 
     split = breast_cancer_split()
-    model = make_estimator(kind).fit(split.X_train, split.y_train)
+    model = make_estimator(kind)  # raises ValueError before anything is logged
+    y_fit = training_labels(kind, split)
+    model.fit(split.X_train, y_fit)
     predicted = model.predict(split.X_test)
     scores = model.predict_proba(split.X_test)[:, 1]
     metrics = {
@@ -89,6 +107,8 @@ def train_and_register(
     }
     with mlflow.start_run(run_name=f"{kind}-classifier"):
         mlflow.log_params({"model_kind": kind, "split_seed": SPLIT_SEED, "test_size": TEST_SIZE})
+        if kind == "shuffled":
+            mlflow.log_param("label_shuffle_seed", SHUFFLE_SEED)
         # The classes the model knows (its training labels): monitoring computes per-class and
         # macro figures over them and checks feedback labels against them.
         mlflow.log_param("classes", json.dumps(sorted(int(c) for c in split.y_train.unique())))
@@ -111,7 +131,7 @@ def train_and_register(
             # the whole training split (398 rows): drift figures on small samples are noisy
             reference = split.X_train
             path = Path(tmp) / "reference_sample.csv"
-            reference.assign(target=split.y_train.loc[reference.index]).to_csv(path, index=False)
+            reference.assign(target=y_fit.loc[reference.index]).to_csv(path, index=False)
             mlflow.log_artifact(str(path), artifact_path="reference")
     if team:
         mlflow.MlflowClient().set_registered_model_tag(registered_model_name, "team", team)
