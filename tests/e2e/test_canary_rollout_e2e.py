@@ -36,7 +36,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, serializ
 
 MODEL = "breast-cancer-canary"
 #: kind of each version of MODEL, by version number
-KINDS = {1: "logistic", 2: "shuffled", 3: "forest"}
+#: v3 is v1's model trained again: a good canary that answers as stable does (a different model,
+#: a forest, can be a few points less accurate, which the analysis rightly catches on some runs).
+KINDS = {1: "logistic", 2: "shuffled", 3: "logistic"}
 PARAMS = {"steps": [20, 50, 100], "interval_s": 5, "max_extensions": 5}
 #: Small samples for short steps; the p95 tolerance is wide because the test shares two cores
 #: with the worker, where latency is noise.
@@ -47,7 +49,8 @@ Status = DeploymentRequest.Status
 
 @pytest.fixture
 def versions(mlflow_store, team):
-    """MODEL v1 (logistic), v2 (shuffled labels), v3 (forest), mirrored: {number: version}."""
+    """MODEL v1 (logistic), v2 (shuffled labels), v3 (logistic again), mirrored: {number:
+    version}."""
     uri = mlflow_store["tracking_uri"]
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     have = {m.name: m for m in client.search_registered_models()}
