@@ -553,11 +553,14 @@ class EndpointTimelineApi(ApiView):
 
 
 class EndpointRollbackApi(ApiView):
-    """``POST /api/endpoints/<name>/rollback {reason}`` (reviewers and platform admins): the
-    release before the live one serves again; returns the restored request."""
+    """``POST /api/endpoints/<name>/rollback {reason, version?}`` (reviewers and platform
+    admins): the release before the live one, or ``version`` (any version live on this endpoint
+    before and replaced since), serves again; returns the restored request. 409 for a version
+    never live here."""
 
     class InputSerializer(serializers.Serializer):
         reason = serializers.CharField(max_length=4000)
+        version = serializers.IntegerField(min_value=1, max_value=2**31 - 1, required=False)
 
     @extend_schema(request=InputSerializer, responses=DeploymentRequestDetailOut)
     def post(self, request: Request, name: str) -> Response:
@@ -565,7 +568,10 @@ class EndpointRollbackApi(ApiView):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         restored = services.deployment_rollback(
-            endpoint_id=endpoint.pk, actor=request.user, reason=data.validated_data["reason"]
+            endpoint_id=endpoint.pk,
+            actor=request.user,
+            reason=data.validated_data["reason"],
+            to_version=data.validated_data.get("version"),
         )
         return _detail(request, restored.pk)
 

@@ -228,3 +228,20 @@ def approval_policy_problem(
             "so no request could ever be approved."
         )
     return ""
+
+
+def restorable_versions(endpoint: Endpoint) -> list[int]:
+    """Versions a person can roll the endpoint back to without a request: live on it before and
+    replaced since (their request superseded), newest first, the one serving now excluded."""
+    stable = stable_of(endpoint)
+    rows = (
+        Deployment.objects.filter(
+            endpoint=endpoint,
+            status=Deployment.Status.RETIRED,
+            request__status=DeploymentRequest.Status.SUPERSEDED,
+        )
+        .exclude(model_version_id=getattr(stable, "model_version_id", None))
+        .order_by("-model_version__version")
+        .values_list("model_version__version", flat=True)
+    )
+    return list(dict.fromkeys(rows))

@@ -1205,10 +1205,13 @@ def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
     return req
 
 
-def deployment_rollback(*, endpoint_id: int, actor: User | None, reason: str) -> DeploymentRequest:
-    """Take the endpoint back to the release before its live one: the live request becomes
-    rolled back, the one it had superseded is live again with 100% of traffic, and the
-    environment's MLflow alias follows.
+def deployment_rollback(
+    *, endpoint_id: int, actor: User | None, reason: str, to_version: int | None = None
+) -> DeploymentRequest:
+    """Take the endpoint back to the release before its live one, or to ``to_version``, any
+    version live on this endpoint before and replaced since (no approval needed): the live
+    request becomes rolled back, the restored one is live again with 100% of traffic, and the
+    environment's MLflow alias follows. During a canary, the canary is aborted instead.
 
     ``actor`` None is the system: an alert rule whose action is a rollback (rules are set by
     platform admins); it is recorded as ``system`` in the audit trail.
@@ -1216,16 +1219,19 @@ def deployment_rollback(*, endpoint_id: int, actor: User | None, reason: str) ->
     Raises:
         PermissionDenied: a person who is not a reviewer or platform admin.
         ValidationError: no reason given.
-        Conflict: nothing live, or no earlier release to go back to.
+        Conflict: nothing live, no earlier release to go back to, or ``to_version`` is live
+            already or was never live on this endpoint and replaced since.
         mlflow_client.RegistryError: moving the alias failed (traffic has moved already).
     """
-    restored = _rollback(endpoint_id, actor, reason)
+    restored = _rollback(endpoint_id, actor, reason, to_version)
     _sync_alias(restored, actor=actor)
     return restored
 
 
 @transaction.atomic
-def _rollback(endpoint_id: int, actor: User | None, reason: str) -> DeploymentRequest:
+def _rollback(
+    endpoint_id: int, actor: User | None, reason: str, to_version: int | None = None
+) -> DeploymentRequest:
     if actor is not None and not (can_review(actor) or is_platform_admin(actor)):
         raise PermissionDenied("Only reviewers and platform admins can roll back.")
     if not reason.strip():
@@ -1257,15 +1263,24 @@ def _rollback(endpoint_id: int, actor: User | None, reason: str) -> DeploymentRe
     )
     if live is None:
         raise Conflict(f"Nothing is live on {endpoint.name}.")
-    previous = (
+    candidates = (
         endpoint.deployments.select_for_update()
         .filter(status=Deployment.Status.RETIRED, request__status=Status.SUPERSEDED)
         .exclude(model_version=live.model_version)
         .order_by("-retired_at")
-        .first()
     )
+    if to_version is not None:
+        if to_version == live.model_version.version:
+            raise Conflict(f"v{to_version} is what {endpoint.name} serves already.")
+        candidates = candidates.filter(model_version__version=to_version)
+    previous = candidates.first()
     if previous is None:
-        raise Conflict(f"{endpoint.name} has no earlier release to roll back to.")
+        raise Conflict(
+            f"v{to_version} was never live on {endpoint.name} and replaced since; only such a "
+            "version can be restored without a request."
+            if to_version is not None
+            else f"{endpoint.name} has no earlier release to roll back to."
+        )
     now = timezone.now()
     # Statuses and roles first; traffic_set moves the weights below, in this transaction.
     live.status, live.retired_at = Deployment.Status.RETIRED, now

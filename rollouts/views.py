@@ -282,6 +282,7 @@ def endpoint_timeline(request: HttpRequest, name: str) -> HttpResponse:
             "timeline": list(reversed(selectors.traffic_timeline(endpoint))),
             "deleted_live": selectors.live_deployments_of_deleted_versions(endpoint),
             "can_roll_back": can_review(request.user) or is_platform_admin(request.user),
+            "restorable": selectors.restorable_versions(endpoint),
         },
     )
 
@@ -290,9 +291,17 @@ def endpoint_timeline(request: HttpRequest, name: str) -> HttpResponse:
 @require_POST
 def endpoint_rollback(request: HttpRequest, name: str) -> HttpResponse:
     endpoint = get_object_or_404(selectors.endpoints_visible_to(request.user), name=name)
+    raw_version = request.POST.get("version", "").strip()
+    if raw_version and not (
+        raw_version.isascii() and raw_version.isdigit() and len(raw_version) < 10
+    ):
+        return HttpResponseBadRequest("version must be a version number of this model.")
     try:
         restored = services.deployment_rollback(
-            endpoint_id=endpoint.pk, actor=request.user, reason=_text(request, "reason")
+            endpoint_id=endpoint.pk,
+            actor=request.user,
+            reason=_text(request, "reason"),
+            to_version=int(raw_version) if raw_version else None,
         )
     except DOMAIN_ERRORS as exc:
         status, error = _domain_error(exc)
@@ -304,6 +313,7 @@ def endpoint_rollback(request: HttpRequest, name: str) -> HttpResponse:
                 "timeline": list(reversed(selectors.traffic_timeline(endpoint))),
                 "deleted_live": selectors.live_deployments_of_deleted_versions(endpoint),
                 "can_roll_back": True,
+                "restorable": selectors.restorable_versions(endpoint),
                 "error": error,
             },
             status=status,
