@@ -75,10 +75,34 @@ def _by_version(series: Iterable[WindowPoint]) -> dict[int, list[WindowPoint]]:
     return dict(sorted(out.items()))
 
 
+def traffic_marks(changes: Iterable[tuple[datetime, dict[str, int]]]) -> dict[str, list]:
+    """Plotly layout ``shapes`` and ``annotations`` marking each traffic change (a rollout step,
+    a promotion, an abort, a rollback) as a dotted vertical line labelled with the split, e.g.
+    ``v1 80% · v3 20%``. ``changes`` are (when, {"v1": 80, ...})."""
+    shapes, annotations = [], []
+    for when, split in changes:
+        x = _x(when)
+        label = " · ".join(f"{v} {w}%" for v, w in split.items()) or "nothing"
+        shapes.append(
+            {
+                "type": "line", "x0": x, "x1": x, "yref": "paper", "y0": 0, "y1": 1,
+                "line": {"dash": "dot", "width": 1, "color": "#7b8794"},
+            }
+        )  # fmt: skip
+        annotations.append(
+            {
+                "x": x, "yref": "paper", "y": 1, "yanchor": "bottom", "text": label,
+                "showarrow": False, "font": {"size": 9, "color": "#52606d"},
+            }
+        )  # fmt: skip
+    return {"shapes": shapes, "annotations": annotations}
+
+
 def endpoint_figures(
     versions: list[VersionFigures],
     series: list[WindowPoint],
     x_range: tuple[datetime, datetime] | None = None,
+    changes: Iterable[tuple[datetime, dict[str, int]]] = (),
 ) -> dict[str, dict[str, Any]]:
     """The version charts of the endpoint dashboard, one trace (or two) per version:
 
@@ -89,7 +113,8 @@ def endpoint_figures(
     * ``errors``: error rate per window.
 
     ``x_range`` (the dashboard's range) fixes the time axis, so that one window is drawn as one
-    window of the range rather than zoomed to milliseconds.
+    window of the range rather than zoomed to milliseconds. ``changes`` (the endpoint's traffic
+    history in the range) are marked on every chart (:func:`traffic_marks`).
     """
     roles = {v.version: v.role for v in versions}
     regressors = {v.version for v in versions if v.is_regression}
@@ -179,7 +204,8 @@ def endpoint_figures(
     )
     if regressors:
         quality_layout["yaxis2"] = {"title": {"text": "RMSE"}, "overlaying": "y", "side": "right"}
-    return strict(
+    marks = strict(traffic_marks(changes))
+    result = strict(
         {
             "quality": {"data": quality, "layout": quality_layout},
             "latency": {
@@ -203,6 +229,10 @@ def endpoint_figures(
             },
         }
     )
+    if marks["shapes"]:
+        for figure in result.values():
+            figure["layout"] = {**figure["layout"], **marks}
+    return result
 
 
 def _finite(value: Any) -> bool:

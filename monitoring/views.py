@@ -16,6 +16,7 @@ from portal.selectors import audit_events_visible_to
 from portal.views import bad_request_page
 from registry.models import ModelVersion
 from rollouts import selectors as rollout_selectors
+from rollouts.models import TrafficHistory
 
 #: Drift windows listed in the per-window summary table, newest first.
 DRIFT_SUMMARY_ROWS = 24
@@ -91,7 +92,14 @@ def endpoint_dashboard(request: HttpRequest, name: str) -> HttpResponse:
             "has_classifier": any(not v.is_regression for v in result.versions),
             "has_regressor": any(v.is_regression for v in result.versions),
             "figures": figures.endpoint_figures(
-                result.versions, result.series, (rng.start, rng.end)
+                result.versions,
+                result.series,
+                (rng.start, rng.end),
+                changes=TrafficHistory.objects.filter(
+                    endpoint=endpoint, created_at__gte=rng.start, created_at__lte=rng.end
+                )
+                .order_by("created_at")
+                .values_list("created_at", "split"),
             ),
             "drift_heatmaps": figures.drift_heatmaps(windows, roles),
             "drift_summary": list(reversed(windows))[:DRIFT_SUMMARY_ROWS],

@@ -333,3 +333,13 @@ def test_consecutive_canaries_never_leak_traffic_to_an_aborted_one(canary, deplo
     first.refresh_from_db()
     assert (first.status, first.traffic_weight) == (Deployment.Status.RETIRED, 0)
     assert Deployment.objects.get(request=again).traffic_weight == 30
+
+
+def test_the_endpoint_dashboard_marks_the_rollout_steps(canary, client, manager):
+    client.force_login(manager)
+    page = client.get(f"/monitoring/endpoints/{canary.endpoint.name}/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    # the canary's first step, marked on the time axis (in the charts' JSON)
+    assert "v1 80% \\u00b7 v2 20%" in html
+    assert "v1 100%" in html  # the first release

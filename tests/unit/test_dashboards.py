@@ -700,7 +700,8 @@ def _queries(client, url, params=None) -> list[str]:
 
 #: Queries of the two pages, whatever the number of versions, windows and rollups (session,
 #: user, role groups and the page's own reads).
-PAGE_BUDGET = 11  # with the drift baselines, whether the user may choose one, deleted live versions
+PAGE_BUDGET = 12  # with the drift baselines, whether the user may choose one, deleted live versions,
+# and the traffic changes marked on the charts
 OVERVIEW_BUDGET = 13  # 12 + the grouped count of open alerts
 
 
