@@ -6,11 +6,12 @@ v1 is stable on staging, and v1's model trained again (v2) is its canary, steps 
 labelled traffic over real HTTP. A worker of the test's own, in a process group of its own, is
 sent ``advance_rollout`` for the due step while the test holds the request's row lock (as a
 person's control would, for a moment): the worker claims the rollout (``lease_owner`` in the
-database), judges the step and blocks in ``_settle`` on that lock. It is then SIGKILLed, whole
-group, holding the claim; its message is unacked and Redis would give it back only after an
-hour. Nobody else may take the rollout while the claim (``ROLLOUT_LEASE_S``, a few seconds
-here) runs; once it has lapsed, a new worker, sent the task as beat does for ``rollouts_due``,
-reclaims it and the rollout goes on to the end. A duplicated task afterwards changes nothing.
+database, committed) and cannot write its verdict before the kill (``_settle`` waits for that
+lock). As soon as the claim is seen it is SIGKILLed, whole group, holding the claim; its
+message is unacked and Redis would give it back only after an hour. Nobody else may take the
+rollout while the claim (``ROLLOUT_LEASE_S``, a few seconds here) runs; once it has lapsed, a
+new worker, sent the task as beat does for ``rollouts_due``, reclaims it and the rollout goes
+on to the end. A duplicated task afterwards changes nothing.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def test_a_canary_whose_worker_is_killed_mid_step_ends_consistent_after_a_new_wo
     doomed = workers("doomed-worker", hang=False, ROLLOUT_LEASE_S=str(LEASE_S))
     with transaction.atomic():
         # The request's row lock, as a person's control holds it for a moment: the worker's
-        # verdict waits for it in _settle, with the claim taken (committed) and nothing else.
+        # verdict waits for it in _settle: the kill comes with the claim taken and nothing else.
         DeploymentRequest.objects.select_for_update().get(pk=req.pk)
         with workers.through_broker():
             advance_rollout.delay(rollout.pk)
