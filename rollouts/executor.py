@@ -38,6 +38,7 @@ from rollouts.models import Deployment, DeploymentRequest, Endpoint, Rollout, Ro
 from rollouts.selectors import stable_of
 from rollouts.services import (
     _audit,
+    _deployment_go_live,
     _locked_request,
     _notify,
     _retire_superseded,
@@ -82,18 +83,10 @@ def canary_start(request_id: int, *, digest: str) -> DeploymentRequest:
     rollout = Rollout.objects.select_for_update().get(request=req)
     step = rollout.steps.get(index=0)
     now = timezone.now()
-    canary = Deployment.objects.select_for_update().get(request=req)
-    canary.status, canary.role = Deployment.Status.LIVE, Deployment.Role.CANARY
-    canary.artifact_digest, canary.live_at = digest, now
-    canary.save(update_fields=["status", "role", "artifact_digest", "live_at"])
-    old = _transition(req, Status.ROLLING_OUT)
-    _audit(
-        req,
-        "rollout.started",
-        None,
-        before={"status": old},
-        after={"status": req.status, "artifact_digest": digest, "plan": req.strategy_params},
-    )
+    canary = _deployment_go_live(
+        req, role=Deployment.Role.CANARY, digest=digest, now=now, status=Status.ROLLING_OUT,
+        action="rollout.started", plan=req.strategy_params,
+    )  # fmt: skip
     traffic_set(
         endpoint=endpoint,
         split=_split(stable, canary, step.planned_weight),

@@ -1146,6 +1146,26 @@ def traffic_set(
     return history
 
 
+def _deployment_go_live(
+    req: DeploymentRequest, *, role: str, digest: str, now, status: str, action: str, **extra
+) -> Deployment:
+    """The request's deployment serves from now (``role``, pinned to ``digest``) and the
+    request moves to ``status`` with one ``action`` audit event; the caller sets the traffic."""
+    deployment = Deployment.objects.select_for_update().get(request=req)
+    deployment.status, deployment.role = Deployment.Status.LIVE, role
+    deployment.artifact_digest, deployment.live_at = digest, now
+    deployment.save(update_fields=["status", "role", "artifact_digest", "live_at"])
+    old = _transition(req, status)
+    _audit(
+        req,
+        action,
+        None,
+        before={"status": old},
+        after={"status": req.status, "artifact_digest": digest, **extra},
+    )
+    return deployment
+
+
 def _retire_superseded(previous: Deployment, *, by: DeploymentRequest, actor, now) -> None:
     """Retire a live deployment that ``by`` replaces; its request becomes superseded. The
     caller moves the traffic (``traffic_set``) in the same transaction."""
@@ -1179,18 +1199,10 @@ def _deployment_promote(request_id: int, *, digest: str) -> DeploymentRequest:
     ):
         # Its traffic goes below, in the same transaction (traffic_set gives it 0).
         _retire_superseded(previous, by=req, actor=None, now=now)
-    deployment = Deployment.objects.select_for_update().get(request=req)
-    deployment.status, deployment.role = Deployment.Status.LIVE, Deployment.Role.STABLE
-    deployment.artifact_digest, deployment.live_at = digest, now
-    deployment.save(update_fields=["status", "role", "artifact_digest", "live_at"])
-    old = _transition(req, Status.LIVE)
-    _audit(
-        req,
-        "deployment.live",
-        None,
-        before={"status": old},
-        after={"status": req.status, "artifact_digest": digest},
-    )
+    deployment = _deployment_go_live(
+        req, role=Deployment.Role.STABLE, digest=digest, now=now, status=Status.LIVE,
+        action="deployment.live",
+    )  # fmt: skip
     rollout = _locked_rollout(req)
     step = rollout.steps.get(index=0)
     traffic_set(

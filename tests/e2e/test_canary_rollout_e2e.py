@@ -47,21 +47,27 @@ ROUND_ROWS = 10
 Status = DeploymentRequest.Status
 
 
-@pytest.fixture
-def versions(mlflow_store, team):
-    """MODEL v1 (logistic), v2 (shuffled labels), v3 (logistic again), mirrored: {number:
-    version}."""
+def register_versions(mlflow_store, model: str, kinds: dict[int, str]) -> dict:
+    """``model`` with one version per entry of ``kinds`` ({number: demo_models kind}),
+    registered once per session in the session's MLflow store and mirrored, its aliases left by
+    earlier tests removed: {number: ModelVersion}."""
     uri = mlflow_store["tracking_uri"]
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     have = {m.name: m for m in client.search_registered_models()}
-    for alias in have[MODEL].aliases if MODEL in have else {}:
-        client.delete_registered_model_alias(MODEL, alias)  # left by an earlier test
-    registered = len(client.search_model_versions(f"name='{MODEL}'")) if MODEL in have else 0
-    for number, kind in KINDS.items():
+    for alias in have[model].aliases if model in have else {}:
+        client.delete_registered_model_alias(model, alias)
+    registered = len(client.search_model_versions(f"name='{model}'")) if model in have else 0
+    for number, kind in kinds.items():
         if registered < number:
-            assert train_and_register(kind, MODEL) == number
+            assert train_and_register(kind, model) == number
     registry_sync()
-    return {v.version: v for v in ModelVersion.objects.filter(registered_model__name=MODEL)}
+    return {v.version: v for v in ModelVersion.objects.filter(registered_model__name=model)}
+
+
+@pytest.fixture
+def versions(mlflow_store, team):
+    """MODEL v1 (logistic), v2 (shuffled labels), v3 (logistic again), mirrored."""
+    return register_versions(mlflow_store, MODEL, KINDS)
 
 
 @pytest.fixture

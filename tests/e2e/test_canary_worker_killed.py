@@ -19,16 +19,12 @@ from __future__ import annotations
 import re
 import time
 
-import mlflow
 import pytest
 from django.db import transaction
 from django.db.models import Count, Sum
 from django.utils import timezone
 
 from portal.models import AuditEvent
-from registry.demo_models import train_and_register
-from registry.models import ModelVersion
-from registry.services import registry_sync
 from rollouts.executor import rollout_advance, rollouts_due
 from rollouts.gates import METRICS_WITHIN_TOLERANCE
 from rollouts.models import (
@@ -39,7 +35,7 @@ from rollouts.models import (
     TrafficHistory,
 )
 from rollouts.tasks import advance_rollout
-from tests.e2e.test_canary_rollout_e2e import Client
+from tests.e2e.test_canary_rollout_e2e import Client, register_versions
 from tests.e2e.test_deploy_redispatch import _wait_for, hanging_mlflow, workers  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True, serialized_rollback=True)]
@@ -55,17 +51,7 @@ Status = DeploymentRequest.Status
 
 @pytest.fixture
 def versions(mlflow_store, team):
-    uri = mlflow_store["tracking_uri"]
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
-    have = {m.name: m for m in client.search_registered_models()}
-    for alias in have[MODEL].aliases if MODEL in have else {}:
-        client.delete_registered_model_alias(MODEL, alias)
-    registered = len(client.search_model_versions(f"name='{MODEL}'")) if MODEL in have else 0
-    for number, kind in KINDS.items():
-        if registered < number:
-            assert train_and_register(kind, MODEL) == number
-    registry_sync()
-    return {v.version: v for v in ModelVersion.objects.filter(registered_model__name=MODEL)}
+    return register_versions(mlflow_store, MODEL, KINDS)
 
 
 @pytest.fixture
